@@ -1,0 +1,53 @@
+"""``megatron-seed`` command line: the one place that wires every layer together.
+
+Each subcommand lives in a module exposing ``add_arguments(parser)`` and
+``run(args) -> int``; :data:`COMMANDS` maps the subcommand name to that module,
+imported only when the subcommand is used (so ``params`` never imports the trainer).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Optional
+
+from megatron_seed.config import ConfigError
+
+COMMANDS = {
+    "params": ("megatron_seed.commands.params", "exact parameter counts of a preset or config"),
+    "train": ("megatron_seed.commands.train", "pretrain / fine-tune a GPT-MoE (torchrun for several processes)"),
+    "demo": ("megatron_seed.commands.demo", "the embedded default: a short run of the tiny preset on the bundled corpus"),
+}
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """--preset / --config / --set, shared by every command that builds a Config."""
+    parser.add_argument("--preset", default=None, help="preset name from configs/ (tiny, small, seed-200b-a20b)")
+    parser.add_argument("--config", default=None, help="YAML config file (applied after the preset)")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+        help="override one field, e.g. --set model.num_layers=4 (repeatable)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="megatron-seed", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text)
+        p.set_defaults(_module=module)
+        importlib.import_module(module).add_arguments(p)
+    return parser
+
+
+def main(argv: Optional[list] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return importlib.import_module(args._module).run(args) or 0
+    except ConfigError as e:
+        print(f"megatron-seed {args.command}: configuration error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,435 @@
+"""Typed configuration: dataclasses, YAML loading, ``--set`` overrides, validation.
+
+A run is described by one :class:`Config` with sections ``model`` (with ``model.moe``),
+``parallel``, ``train``, ``rl``, ``rollout`` and ``data``. Values come from, in order:
+the dataclass defaults, a preset (``configs/<name>.yaml``) or a YAML file, then
+``--set section.field=value`` overrides. Every error is a :class:`ConfigError` whose
+message names the field, the bad value and the fix.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown, of the wrong type or out of range."""
+
+
+@dataclass
+class MoEConfig:
+    """Mixture-of-experts block (Qwen3-MoE semantics by default)."""
+
+    num_experts: int = 8
+    top_k: int = 2
+    ffn_size: int = 128  # per routed expert
+    num_shared_experts: int = 0
+    shared_ffn_size: int = 0  # per shared expert
+    score_function: str = "softmax"  # softmax (Qwen3-MoE) | sigmoid (DeepSeek-V3)
+    norm_topk_prob: bool = True  # renormalise the top-k weights to sum to 1
+    num_groups: int = 1  # group-limited routing: experts split in groups ...
+    top_groups: int = 1  # ... and only the best top_groups groups are eligible
+    aux_loss_coef: float = 1e-3
+    aux_loss_type: str = "micro_batch"  # micro_batch | sequence | none
+    z_loss_coef: float = 0.0
+    bias_update_rate: float = 0.0  # > 0 enables aux-loss-free balancing (sigmoid or softmax)
+    capacity_factor: Optional[float] = None  # None = dropless
+    dispatcher: str = "alltoall"  # alltoall | allgather
+    kernel_backend: str = "auto"  # auto | torch | triton
+    router_dtype: str = "float32"
+
+
+@dataclass
+class ModelConfig:
+    """Decoder-only GPT-MoE (RMSNorm, RoPE, GQA with optional QK-norm, SwiGLU)."""
+
+    vocab_size: int = 4096
+    hidden_size: int = 128
+    num_layers: int = 2
+    num_attention_heads: int = 4
+    num_kv_heads: int = 2
+    head_dim: int = 32
+    qk_norm: bool = True
+    rope_theta: float = 1_000_000.0
+    max_seq_len: int = 256
+    norm_eps: float = 1e-6
+    num_dense_layers: int = 0  # leading layers with a dense SwiGLU MLP instead of MoE
+    dense_ffn_size: int = 512
+    tie_embeddings: bool = False
+    value_head: bool = False  # scalar head for the critic / reward model
+    init_std: float = 0.02
+    moe: MoEConfig = field(default_factory=MoEConfig)
+
+
+@dataclass
+class ParallelConfig:
+    """Parallel layout. ``dp`` is the dense data-parallel size; 0 derives it from the world size.
+
+    world = tp * cp * dp * pp; experts are sharded over ep * etp and replicated over
+    edp = tp * cp * dp / (ep * etp) (Megatron-core's expert rank generator).
+    """
+
+    tp: int = 1
+    pp: int = 1
+    ep: int = 1
+    etp: int = 1
+    dp: int = 0
+    cp: int = 1
+    sequence_parallel: bool = False
+    virtual_pp: int = 1  # model chunks per pipeline rank (interleaved 1F1B when > 1)
+    pp_layers: Optional[list] = None  # layers per stage, e.g. [3, 4, 4, 3]; None = even
+    pp_schedule: str = "1f1b"  # 1f1b | interleaved | gpipe
+    zero1: bool = True  # shard fp32 master weights and Adam state over dp
+    overlap_grad_reduce: bool = True
+    backend: str = "auto"  # auto (nccl on GPU, gloo on CPU) | gloo | nccl
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 1234
+    steps: int = 100
+    micro_batch_size: int = 4
+    global_batch_size: int = 8  # = micro_batch_size * grad_accum * dp
+    seq_len: int = 128
+    lr: float = 3e-3
+    min_lr: float = 3e-4
+    warmup_steps: int = 10
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    grad_clip: float = 1.0
+    dtype: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | float32 | bfloat16
+    log_interval: int = 10
+    save_interval: int = 0  # 0 = only at the end
+    save_dir: str = "runs/default"
+    load_dir: Optional[str] = None
+    progress: bool = True
+    peak_tflops: float = 0.0  # per device, for MFU; 0 = guess from the device
+
+
+@dataclass
+class DataConfig:
+    tokenizer: str = "bundled"  # bundled | path to a sentencepiece .model | HF tokenizer dir
+    train_data: list = field(default_factory=lambda: ["bundled"])  # paths (prefixes) or "bundled"
+    weights: Optional[list] = None  # blending weights, one per train_data entry
+    text_field: str = "text"
+    prompts: Optional[str] = None  # RL prompt JSONL; None = generated tasks
+    num_workers: int = 2
+
+
+@dataclass
+class RolloutConfig:
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    samples_per_prompt: int = 4
+    kv_cache_budget_mb: float = 256.0
+    engine: str = "native"  # native | external (vLLM / SGLang adapter)
+
+
+@dataclass
+class RLConfig:
+    gamma: float = 1.0
+    lambda_value: float = 1.0
+    lambda_policy: float = 0.95
+    length_adaptive: bool = True
+    length_alpha: float = 0.05
+    whiten_advantages: bool = True
+    eps_low: float = 0.2
+    eps_high: float = 0.28
+    dual_clip: Optional[float] = None  # e.g. 3.0; None = off
+    loss_agg: str = "token"  # token | sequence
+    value_clip: Optional[float] = 0.2
+    lm_loss_coef: float = 0.1  # mu: positive-example NLL weight
+    kl_coef: float = 0.0
+    entropy_coef: float = 0.0
+    ppo_epochs: int = 1
+    mini_batches: int = 1
+    prompts_per_step: int = 8
+    steps: int = 20
+    critic_lr: float = 1e-3
+    actor_lr: float = 1e-4
+    value_pretrain_steps: int = 20
+    overlong_penalty: float = 0.0
+    adaptation_rule: str = "learnability"  # learnability | reward | uniform
+    adaptation_min_weight: float = 0.05
+    adaptation_max_weight: float = 0.8
+    adaptation_rate: float = 0.5
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    rl: RLConfig = field(default_factory=RLConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(path: str, value: Any, tp: Any) -> Any:
+    """Check ``value`` against the annotation ``tp``; ints are accepted for floats."""
+    origin = typing.get_origin(tp)
+    if origin is typing.Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(path, value, args[0])
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is bool and not isinstance(value, bool):
+        raise ConfigError(f"{path}: expected true/false, got {value!r} ({type(value).__name__}); write {path}=true or {path}=false")
+    if tp is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ConfigError(f"{path}: expected an integer, got {value!r} ({type(value).__name__}); fix: give a whole number")
+    if tp is float and not isinstance(value, float):
+        raise ConfigError(f"{path}: expected a number, got {value!r} ({type(value).__name__})")
+    if tp is str and not isinstance(value, str):
+        raise ConfigError(f"{path}: expected a string, got {value!r} ({type(value).__name__})")
+    if tp is list and not isinstance(value, list):
+        raise ConfigError(f"{path}: expected a list, got {value!r} ({type(value).__name__}); write it as [a, b]")
+    return value
+
+
+def _merge(obj: Any, updates: dict, prefix: str) -> None:
+    """Apply a nested dict of updates to a dataclass in place, checking names and types."""
+    hints = typing.get_type_hints(type(obj))
+    names = [f.name for f in dataclasses.fields(obj)]
+    for key, value in updates.items():
+        path = f"{prefix}{key}"
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f"did you mean '{prefix}{close[0]}'?" if close else f"valid fields: {', '.join(names)}"
+            raise ConfigError(f"{path}: unknown config key; {hint}")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{path}: expected a mapping of fields, got {value!r}")
+            _merge(current, value, f"{path}.")
+        else:
+            setattr(obj, key, _coerce(path, value, hints[key]))
+
+
+def _parse_override(item: str) -> dict:
+    """``a.b.c=value`` -> ``{"a": {"b": {"c": value}}}`` with the value parsed as YAML."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r}: expected section.field=value, e.g. model.num_layers=4")
+    key, raw = item.split("=", 1)
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    out: dict = {}
+    node = out
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return out
+
+
+def preset_path(name: str) -> Path:
+    path = CONFIG_DIR / f"{name}.yaml"
+    if not path.exists():
+        names = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+        raise ConfigError(f"preset {name!r} not found; available presets: {', '.join(names)}")
+    return path
+
+
+def load_config(
+    preset: Optional[str] = None,
+    path: Optional[str] = None,
+    overrides: Optional[list] = None,
+    validate: bool = True,
+) -> Config:
+    """Build a Config from defaults, then a preset or YAML file, then ``--set`` overrides."""
+    cfg = Config()
+    for source in ([preset_path(preset)] if preset else []) + ([Path(path)] if path else []):
+        with open(source) as f:
+            data = yaml.safe_load(f) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{source}: top level must be a mapping of sections")
+        _merge(cfg, data, "")
+    for item in overrides or []:
+        _merge(cfg, _parse_override(item), "")
+    if validate:
+        validate_config(cfg)
+    return cfg
+
+
+def save_config(cfg: Config, path: str) -> None:
+    with open(path, "w") as f:
+        yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _require(cond: bool, message: str) -> None:
+    if not cond:
+        raise ConfigError(message)
+
+
+def _positive(path: str, value: Any) -> None:
+    _require(value > 0, f"{path}={value}: must be > 0")
+
+
+def _one_of(path: str, value: str, choices: tuple) -> None:
+    _require(value in choices, f"{path}={value!r}: must be one of {', '.join(choices)}")
+
+
+def validate_model(m: ModelConfig) -> None:
+    for name in ("vocab_size", "hidden_size", "num_layers", "num_attention_heads", "num_kv_heads", "head_dim", "max_seq_len"):
+        _positive(f"model.{name}", getattr(m, name))
+    _require(
+        m.num_attention_heads % m.num_kv_heads == 0,
+        f"model.num_attention_heads={m.num_attention_heads} is not divisible by model.num_kv_heads={m.num_kv_heads}; "
+        "fix: choose num_kv_heads that divides num_attention_heads",
+    )
+    _require(
+        0 <= m.num_dense_layers <= m.num_layers,
+        f"model.num_dense_layers={m.num_dense_layers}: must be between 0 and model.num_layers={m.num_layers}",
+    )
+    _require(m.head_dim % 2 == 0, f"model.head_dim={m.head_dim}: rotary embeddings need an even head_dim")
+    moe = m.moe
+    if m.num_dense_layers < m.num_layers:
+        _positive("model.moe.num_experts", moe.num_experts)
+        _positive("model.moe.ffn_size", moe.ffn_size)
+        _require(
+            1 <= moe.top_k <= moe.num_experts,
+            f"model.moe.top_k={moe.top_k} must be between 1 and model.moe.num_experts={moe.num_experts}; fix: lower top_k or add experts",
+        )
+        _require(
+            moe.num_experts % moe.num_groups == 0,
+            f"model.moe.num_groups={moe.num_groups} does not divide model.moe.num_experts={moe.num_experts}",
+        )
+        _require(
+            1 <= moe.top_groups <= moe.num_groups,
+            f"model.moe.top_groups={moe.top_groups} must be between 1 and model.moe.num_groups={moe.num_groups}",
+        )
+        _require(
+            moe.top_k <= moe.top_groups * (moe.num_experts // moe.num_groups),
+            f"model.moe.top_k={moe.top_k} exceeds the experts in the top {moe.top_groups} groups "
+            f"({moe.top_groups} x {moe.num_experts // moe.num_groups}); fix: raise top_groups or lower top_k",
+        )
+    _require(moe.num_shared_experts >= 0, f"model.moe.num_shared_experts={moe.num_shared_experts}: must be >= 0")
+    if moe.num_shared_experts:
+        _positive("model.moe.shared_ffn_size", moe.shared_ffn_size)
+    _one_of("model.moe.score_function", moe.score_function, ("softmax", "sigmoid"))
+    _one_of("model.moe.aux_loss_type", moe.aux_loss_type, ("micro_batch", "sequence", "none"))
+    _one_of("model.moe.dispatcher", moe.dispatcher, ("alltoall", "allgather"))
+    _one_of("model.moe.kernel_backend", moe.kernel_backend, ("auto", "torch", "triton"))
+    _require(moe.aux_loss_coef >= 0, f"model.moe.aux_loss_coef={moe.aux_loss_coef}: must be >= 0")
+    _require(moe.z_loss_coef >= 0, f"model.moe.z_loss_coef={moe.z_loss_coef}: must be >= 0")
+    if moe.capacity_factor is not None:
+        _positive("model.moe.capacity_factor", moe.capacity_factor)
+
+
+def validate_parallel(p: ParallelConfig, m: ModelConfig) -> None:
+    for name in ("tp", "pp", "ep", "etp", "cp", "virtual_pp"):
+        _positive(f"parallel.{name}", getattr(p, name))
+    _require(p.dp >= 0, f"parallel.dp={p.dp}: must be >= 0 (0 derives it from the world size)")
+    _one_of("parallel.pp_schedule", p.pp_schedule, ("1f1b", "interleaved", "gpipe"))
+    _one_of("parallel.backend", p.backend, ("auto", "gloo", "nccl"))
+    _require(
+        m.num_attention_heads % p.tp == 0,
+        f"model.num_attention_heads={m.num_attention_heads} is not divisible by parallel.tp={p.tp}; fix: pick tp dividing the head count",
+    )
+    _require(
+        m.num_kv_heads % p.tp == 0 or p.tp % m.num_kv_heads == 0,
+        f"model.num_kv_heads={m.num_kv_heads} and parallel.tp={p.tp}: one must divide the other so kv heads can be split or replicated",
+    )
+    _require(m.vocab_size % p.tp == 0, f"model.vocab_size={m.vocab_size} is not divisible by parallel.tp={p.tp}; fix: pad the vocabulary")
+    if m.num_dense_layers < m.num_layers:
+        _require(
+            m.moe.num_experts % p.ep == 0,
+            f"model.moe.num_experts={m.moe.num_experts} is not divisible by parallel.ep={p.ep}; fix: pick ep dividing the expert count",
+        )
+        _require(
+            m.moe.ffn_size % p.etp == 0,
+            f"model.moe.ffn_size={m.moe.ffn_size} is not divisible by parallel.etp={p.etp}",
+        )
+    chunks = p.pp * p.virtual_pp
+    if p.pp_layers is not None:
+        _require(
+            len(p.pp_layers) == chunks,
+            f"parallel.pp_layers has {len(p.pp_layers)} entries; it needs pp * virtual_pp = {chunks}",
+        )
+        _require(
+            sum(p.pp_layers) == m.num_layers and all(n >= 1 for n in p.pp_layers),
+            f"parallel.pp_layers={p.pp_layers} must be positive and sum to model.num_layers={m.num_layers}",
+        )
+    else:
+        _require(
+            m.num_layers >= chunks,
+            f"parallel.pp={p.pp} x parallel.virtual_pp={p.virtual_pp} = {chunks} stages but model.num_layers={m.num_layers}; "
+            "fix: lower pp/virtual_pp or add layers",
+        )
+    if p.virtual_pp > 1:
+        _require(p.pp > 1, f"parallel.virtual_pp={p.virtual_pp} needs parallel.pp > 1")
+    if p.sequence_parallel:
+        _require(p.tp > 1, "parallel.sequence_parallel=true needs parallel.tp > 1")
+
+
+def validate_config(cfg: Config) -> None:
+    validate_model(cfg.model)
+    validate_parallel(cfg.parallel, cfg.model)
+    t = cfg.train
+    for name in ("steps", "micro_batch_size", "global_batch_size", "seq_len", "log_interval"):
+        _positive(f"train.{name}", getattr(t, name))
+    _require(t.lr > 0, f"train.lr={t.lr}: must be > 0")
+    _require(0 <= t.min_lr <= t.lr, f"train.min_lr={t.min_lr}: must be between 0 and train.lr={t.lr}")
+    _require(t.warmup_steps >= 0, f"train.warmup_steps={t.warmup_steps}: must be >= 0")
+    _require(t.grad_clip >= 0, f"train.grad_clip={t.grad_clip}: must be >= 0 (0 disables clipping)")
+    _require(
+        t.seq_len <= cfg.model.max_seq_len,
+        f"train.seq_len={t.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}; fix: raise max_seq_len or shorten seq_len",
+    )
+    _require(
+        t.global_batch_size % t.micro_batch_size == 0,
+        f"train.global_batch_size={t.global_batch_size} is not divisible by train.micro_batch_size={t.micro_batch_size}",
+    )
+    _one_of("train.dtype", t.dtype, ("auto", "float32", "bfloat16"))
+    r = cfg.rl
+    _require(0 <= r.gamma <= 1, f"rl.gamma={r.gamma}: must be in [0, 1]")
+    for name in ("lambda_value", "lambda_policy"):
+        _require(0 <= getattr(r, name) <= 1, f"rl.{name}={getattr(r, name)}: must be in [0, 1]")
+    _require(r.length_alpha > 0, f"rl.length_alpha={r.length_alpha}: must be > 0")
+    _require(0 < r.eps_low < 1, f"rl.eps_low={r.eps_low}: must be in (0, 1)")
+    _require(r.eps_high > 0, f"rl.eps_high={r.eps_high}: must be > 0")
+    if r.dual_clip is not None:
+        _require(r.dual_clip > 1, f"rl.dual_clip={r.dual_clip}: must be > 1 (it bounds the loss at dual_clip * |A|)")
+    _one_of("rl.loss_agg", r.loss_agg, ("token", "sequence"))
+    _one_of("rl.adaptation_rule", r.adaptation_rule, ("learnability", "reward", "uniform"))
+    _require(
+        0 <= r.adaptation_min_weight <= r.adaptation_max_weight <= 1,
+        f"rl.adaptation_min_weight={r.adaptation_min_weight} / rl.adaptation_max_weight={r.adaptation_max_weight}: need 0 <= min <= max <= 1",
+    )
+    ro = cfg.rollout
+    _require(ro.temperature >= 0, f"rollout.temperature={ro.temperature}: must be >= 0 (0 = greedy)")
+    _require(0 < ro.top_p <= 1, f"rollout.top_p={ro.top_p}: must be in (0, 1]")
+    _require(ro.top_k >= 0, f"rollout.top_k={ro.top_k}: must be >= 0 (0 = off)")
+    _positive("rollout.max_new_tokens", ro.max_new_tokens)
+    _positive("rollout.samples_per_prompt", ro.samples_per_prompt)
+    _one_of("rollout.engine", ro.engine, ("native", "external"))
+    if cfg.data.weights is not None:
+        _require(
+            len(cfg.data.weights) == len(cfg.data.train_data),
+            f"data.weights has {len(cfg.data.weights)} entries but data.train_data has {len(cfg.data.train_data)}",
+        )

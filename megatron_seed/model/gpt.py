@@ -1,0 +1,155 @@
+"""The GPT-MoE decoder (Qwen3-MoE math; DeepSeek-style shared experts optional).
+
+::
+
+    x = embed(ids)                                   (first pipeline stage)
+    for each layer:  x = x + attn(norm1(x));  x = x + mlp(norm2(x))
+    logits = head(norm(x))   or   values = value_head(norm(x))   (last stage)
+
+``mlp`` is a dense SwiGLU for the first ``num_dense_layers`` layers, else the MoE
+layer. One stage of a pipeline builds only its layers (``layer_ids``); layers are
+named by their global index so initialisation and checkpoints are layout-free.
+Logits stay split over the vocabulary (tp); see ``vocab_parallel_log_probs``.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megatron_seed.config import ModelConfig
+from megatron_seed.model.attention import Attention, KVCache, build_attention_mask
+from megatron_seed.model.layers import RMSNorm, SwiGLUMLP, rotary_cos_sin, tp_shared
+from megatron_seed.parallel.mappings import gather_from_sequence_parallel_region
+from megatron_seed.parallel.sharding import init_parameters, set_sharding
+from megatron_seed.parallel.state import ParallelState
+from megatron_seed.parallel.tensor_parallel import ColumnParallelLinear, VocabParallelEmbedding, column_parallel_input
+from moe.layer import MoELayer
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, cfg: ModelConfig, ps: ParallelState, layer_id: int):
+        super().__init__()
+        sp = ps.sequence_parallel
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps, ps, partial_grad=sp)
+        self.self_attn = Attention(cfg, ps, layer_id)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps, ps, partial_grad=sp)
+        self.is_moe = layer_id >= cfg.num_dense_layers
+        self.mlp = MoELayer(cfg, ps) if self.is_moe else SwiGLUMLP(cfg.hidden_size, cfg.dense_ffn_size, ps)
+
+    def forward(self, x_BSH: torch.Tensor, cos_sin: tuple, mask: Optional[torch.Tensor], cache: Optional[KVCache]) -> torch.Tensor:
+        x_BSH = x_BSH + self.self_attn(self.input_layernorm(x_BSH), cos_sin, mask, cache)
+        return x_BSH + self.mlp(self.post_attention_layernorm(x_BSH))
+
+
+class ValueHead(nn.Module):
+    """Scalar per position: v = w . h + b (critic and reward model)."""
+
+    def __init__(self, hidden_size: int, ps: ParallelState):
+        super().__init__()
+        self.ps = ps
+        self.weight = nn.Parameter(torch.empty(1, hidden_size))
+        self.bias = nn.Parameter(torch.empty(1))
+        set_sharding(self.weight, (1, hidden_size))
+        set_sharding(self.bias, (1,), init="zeros")
+
+    def forward(self, h_BSH: torch.Tensor) -> torch.Tensor:
+        sp = self.ps.sequence_parallel
+        w, b = tp_shared(self.weight, self.ps, sp), tp_shared(self.bias, self.ps, sp)
+        v_BS = F.linear(h_BSH, w, b).squeeze(-1)
+        return gather_from_sequence_parallel_region(v_BS, self.ps.tp_group, 1) if sp else v_BS
+
+
+class GPTModel(nn.Module):
+    """Decoder stack; on a pipeline stage, holds ``layer_ids`` and the ends it owns."""
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        ps: ParallelState,
+        layer_ids: Optional[list] = None,
+        pre_process: bool = True,
+        post_process: bool = True,
+    ):
+        super().__init__()
+        self.cfg, self.ps = cfg, ps
+        self.layer_ids = list(range(cfg.num_layers)) if layer_ids is None else list(layer_ids)
+        self.pre_process, self.post_process = pre_process, post_process
+        if cfg.tie_embeddings and not (pre_process and post_process):
+            raise ValueError("model.tie_embeddings=true needs the embedding and the head on one stage (parallel.pp=1)")
+        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, ps) if pre_process else None
+        self.layers = nn.ModuleDict({str(i): TransformerBlock(cfg, ps, i) for i in self.layer_ids})
+        self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, ps, partial_grad=ps.sequence_parallel) if post_process else None
+        self.lm_head = None
+        self.value_head = None
+        if post_process and cfg.value_head:
+            self.value_head = ValueHead(cfg.hidden_size, ps)
+        elif post_process and not cfg.tie_embeddings:
+            self.lm_head = ColumnParallelLinear(cfg.hidden_size, cfg.vocab_size, ps)
+
+    def init_weights(self, seed: int) -> None:
+        """Same values as the one-process model, whatever the layout (see sharding.py)."""
+        init_parameters(self, seed, self.ps, self.cfg.init_std)
+
+    def moe_layers(self) -> list:
+        return [m for m in self.modules() if isinstance(m, MoELayer)]
+
+    def set_aux_loss_scale(self, scale: float) -> None:
+        """Scale of the MoE aux-loss gradients (1 / micro-batches per step)."""
+        for m in self.moe_layers():
+            m.aux_loss_scale = scale
+
+    def allocate_kv_cache(self, batch: int, capacity: int, dtype: torch.dtype = torch.float32, device: Optional[torch.device] = None) -> KVCache:
+        attn = next(iter(self.layers.values())).self_attn
+        device = device or next(self.parameters()).device
+        return KVCache.allocate(self.layer_ids, batch, attn.num_kv_heads, capacity, attn.head_dim, dtype, device)
+
+    def forward(
+        self,
+        input_ids_BS: Optional[torch.Tensor] = None,
+        hidden_BSH: Optional[torch.Tensor] = None,
+        position_ids_BS: Optional[torch.Tensor] = None,
+        doc_ids_BS: Optional[torch.Tensor] = None,
+        padding_mask_BS: Optional[torch.Tensor] = None,
+        kv_cache: Optional[KVCache] = None,
+    ) -> torch.Tensor:
+        """Logits ``[B, S, V/tp]`` (or values ``[B, S]``) on the last stage, else hidden states.
+
+        ``input_ids_BS`` on the first stage, ``hidden_BSH`` (this stage's input, sequence-
+        sharded under sequence parallel) on the others. ``position_ids_BS`` default to
+        0..S-1 (continuing from the cache); ``doc_ids_BS`` keeps attention inside packed
+        documents; ``padding_mask_BS`` (True = real token) hides left padding.
+        """
+        if self.pre_process:
+            B, S = input_ids_BS.shape
+            device = input_ids_BS.device
+        else:
+            B, S = hidden_BSH.shape[0], hidden_BSH.shape[1] * (self.ps.tp_size if self.ps.sequence_parallel else 1)
+            device = hidden_BSH.device
+        if position_ids_BS is None:
+            start = kv_cache.length if kv_cache is not None else 0
+            position_ids_BS = torch.arange(start, start + S, device=device).expand(B, S)
+        cos_sin = rotary_cos_sin(position_ids_BS, self.cfg.head_dim, self.cfg.rope_theta)
+        mask = build_attention_mask(S, device, padding_mask_BS, doc_ids_BS, kv_cache)
+        x_BSH = self.embed_tokens(input_ids_BS) if self.pre_process else hidden_BSH
+        for layer in self.layers.values():
+            x_BSH = layer(x_BSH, cos_sin, mask, kv_cache)
+        if kv_cache is not None:
+            self.advance_cache(kv_cache, S, padding_mask_BS)
+        if not self.post_process:
+            return x_BSH
+        h_BSH = self.norm(x_BSH)
+        if self.value_head is not None:
+            return self.value_head(h_BSH)
+        if self.lm_head is not None:
+            return self.lm_head(h_BSH)
+        return F.linear(column_parallel_input(h_BSH, self.ps), self.embed_tokens.weight)
+
+    @staticmethod
+    def advance_cache(cache: KVCache, S: int, padding_mask_BS: Optional[torch.Tensor]) -> None:
+        """Mark the S slots just written as valid (or as padding) and move the cursor."""
+        end = cache.length + S
+        cache.valid_BL[:, cache.length:end] = True if padding_mask_BS is None else padding_mask_BS
+        cache.length = end

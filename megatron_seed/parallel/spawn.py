@@ -1,0 +1,74 @@
+"""Run a function on N local processes over gloo: the CPU stand-in for N GPUs.
+
+Used by every multi-process test and the CPU benchmarks. Each worker gets a fresh
+interpreter (spawn), one torch thread, and a process group on a free port. If any
+rank fails, the others are killed and the failing rank's traceback is raised, so a
+broken test never hangs waiting on a peer that died.
+"""
+from __future__ import annotations
+
+import os
+import queue
+import socket
+import traceback
+from datetime import timedelta
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+class WorkerError(RuntimeError):
+    """A rank raised; the message holds its traceback."""
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, fn: Callable, args: tuple, results: Any, timeout_s: float) -> None:
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    try:
+        dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s))
+        out = fn(rank, world, *args)
+        results.put((rank, "ok", out))
+        dist.barrier()
+        dist.destroy_process_group()
+    except BaseException:  # report everything, including KeyboardInterrupt, to the parent
+        results.put((rank, "error", traceback.format_exc()))
+        raise SystemExit(1)
+
+
+def run_distributed(fn: Callable, world: int, *args: Any, timeout_s: float = 240.0) -> list:
+    """Call ``fn(rank, world, *args)`` on ``world`` gloo processes; return results by rank.
+
+    ``fn`` must be importable (module level) and return something picklable.
+    """
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_worker, args=(r, world, port, fn, args, results, timeout_s), daemon=True) for r in range(world)]
+    for p in procs:
+        p.start()
+    outputs: dict = {}
+    try:
+        while len(outputs) < world:
+            try:
+                rank, status, payload = results.get(timeout=timeout_s)
+            except queue.Empty:
+                raise WorkerError(f"no rank reported within {timeout_s}s; finished ranks: {sorted(outputs)}") from None
+            if status == "error":
+                raise WorkerError(f"rank {rank} failed:\n{payload}")
+            outputs[rank] = payload
+        for p in procs:
+            p.join(timeout=30)
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+            p.join(timeout=5)
+    return [outputs[r] for r in range(world)]
