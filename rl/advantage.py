@@ -1,0 +1,189 @@
+"""Generalised advantage estimation for padded response batches (Seed1.5-Thinking / VAPO).
+
+Shapes: ``B`` sequences, ``S`` token positions of the padded batch. A bool
+``mask_BS`` marks the response tokens (the actions); prompt and padding positions are
+ignored and pass the recursion through unchanged, so a mask with gaps (tool output
+inside a multi-turn response) chains the response segments as one trajectory.
+
+With ``t`` and ``t'`` consecutive response positions of one sequence (``t'`` the next
+masked-in position after ``t``)::
+
+    delta_t = r_t + gamma * V_t' - V_t
+    A_t     = delta_t + gamma * lambda * A_t'
+    R_t     = A_t + V_t                       (value target)
+
+and after the last response token ``V = 0, A = 0`` (the episode ended), unless the
+sequence was truncated (``truncated_B``): then ``V`` is bootstrapped from the value
+of the last response token, the best estimate of the state the generation was cut
+off in.
+
+Decoupled GAE: value targets use ``lambda_value`` (1.0 = Monte-Carlo returns when
+``gamma = 1``, unbiased targets for the critic), advantages use ``lambda_policy``
+(0.95 = lower variance for the actor). Length-adaptive GAE: ``lambda_policy`` per
+sequence is ``1 - 1 / (alpha * l)`` with ``l`` that sequence's response length,
+clamped to ``[0, 1]``, so that the sum of GAE weights ``1 / (1 - lambda)`` grows as
+``alpha * l`` and long responses are not biased towards the critic.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+
+from megatron_seed.config import RLConfig
+from megatron_seed.parallel.mappings import all_reduce_no_grad
+from megatron_seed.parallel.state import Group
+
+
+def _check_batch(mask_BS: torch.Tensor, **tensors: torch.Tensor) -> None:
+    if mask_BS.dim() != 2 or mask_BS.dtype != torch.bool:
+        raise ValueError(f"mask_BS must be a 2-D bool tensor [B, S], got shape {tuple(mask_BS.shape)} dtype {mask_BS.dtype}; "
+                         "fix: pass response_mask.bool()")
+    for name, t in tensors.items():
+        if t.shape != mask_BS.shape:
+            raise ValueError(f"{name} has shape {tuple(t.shape)} but mask_BS has {tuple(mask_BS.shape)}; fix: pad both to [B, S]")
+
+
+def response_lengths(mask_BS: torch.Tensor) -> torch.Tensor:
+    """Number of response tokens per sequence, ``[B]`` int64."""
+    return mask_BS.sum(dim=1)
+
+
+def place_terminal_reward(reward_B: torch.Tensor, mask_BS: torch.Tensor) -> torch.Tensor:
+    """Per-token rewards ``[B, S]``: ``reward_B[b]`` at the last response token of ``b``, 0 elsewhere.
+
+    Outcome rewards (verifier, reward model) score the whole response; GAE then
+    propagates that terminal reward back through the tokens.
+    """
+    _check_batch(mask_BS)
+    if reward_B.shape != (mask_BS.shape[0],):
+        raise ValueError(f"reward_B has shape {tuple(reward_B.shape)}; expected [{mask_BS.shape[0]}] (one reward per sequence)")
+    lengths_B = response_lengths(mask_BS)
+    if bool((lengths_B == 0).any()):
+        empty = torch.nonzero(lengths_B == 0).flatten().tolist()
+        raise ValueError(f"sequences {empty} have no response tokens, so their reward has nowhere to go; fix: drop them from the batch")
+    positions_S = torch.arange(mask_BS.shape[1], device=mask_BS.device)
+    last_B = torch.where(mask_BS, positions_S, -1).amax(dim=1)
+    rewards_BS = torch.zeros(mask_BS.shape, dtype=reward_B.dtype, device=reward_B.device)
+    rewards_BS[torch.arange(mask_BS.shape[0], device=mask_BS.device), last_B] = reward_B
+    return rewards_BS
+
+
+def length_adaptive_lambda(lengths_B: torch.Tensor, alpha: float) -> torch.Tensor:
+    """``lambda_B = clamp(1 - 1 / (alpha * l_B), 0, 1)``; an empty response gets 0."""
+    if alpha <= 0:
+        raise ValueError(f"alpha={alpha}: must be > 0 (rl.length_alpha)")
+    lengths_B = lengths_B.to(torch.float64)
+    lam_B = 1.0 - 1.0 / (alpha * lengths_B.clamp(min=1e-12))
+    return lam_B.clamp(0.0, 1.0)
+
+
+def gae(
+    rewards_BS: torch.Tensor,
+    values_BS: torch.Tensor,
+    mask_BS: torch.Tensor,
+    gamma: float,
+    lam: Union[float, torch.Tensor],
+    truncated_B: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """GAE advantages ``A_BS`` (formula in the module docstring); 0 outside the mask.
+
+    ``lam`` is a float or a per-sequence ``[B]`` tensor. Computed in float64 and
+    returned in ``values_BS.dtype``. Vectorised over the batch: the next response
+    value of every position is gathered in one shot, then a reverse scan over ``S``
+    runs ``A_t = d_t + c_t * A_t'`` with ``c_t = gamma * lambda`` on response tokens
+    and ``c_t = 1, d_t = 0`` elsewhere (the carry passes through gaps and padding).
+    Values outside the mask are never read, so padding may hold anything (even NaN).
+    """
+    _check_batch(mask_BS, rewards_BS=rewards_BS, values_BS=values_BS)
+    B, S = mask_BS.shape
+    device = values_BS.device
+    f64 = torch.float64
+    rewards = torch.where(mask_BS, rewards_BS.to(f64), 0.0)
+    values = torch.where(mask_BS, values_BS.to(f64), 0.0)
+
+    # Value after the last response token: 0, or the last response value when truncated.
+    positions_S = torch.arange(S, device=device)
+    last_B = torch.where(mask_BS, positions_S, -1).amax(dim=1)
+    end_value_B = torch.zeros(B, dtype=f64, device=device)
+    if truncated_B is not None:
+        if truncated_B.shape != (B,):
+            raise ValueError(f"truncated_B has shape {tuple(truncated_B.shape)}; expected [{B}] bools")
+        last_value_B = values.gather(1, last_B.clamp(min=0)[:, None])[:, 0]
+        end_value_B = torch.where(truncated_B.bool() & (last_B >= 0), last_value_B, 0.0)
+
+    # Index of the next response position strictly after t (S = past the end).
+    idx_BS = torch.where(mask_BS, positions_S, S)
+    next_idx_BS = torch.cat([idx_BS[:, 1:], torch.full((B, 1), S, device=device)], dim=1)
+    next_idx_BS = next_idx_BS.flip(1).cummin(dim=1).values.flip(1)
+    values_ext = torch.cat([values, end_value_B[:, None]], dim=1)
+    next_values_BS = values_ext.gather(1, next_idx_BS)
+
+    lam_B = torch.as_tensor(lam, dtype=f64, device=device).expand(B)
+    deltas_BS = torch.where(mask_BS, rewards + gamma * next_values_BS - values, 0.0)
+    decay_BS = torch.where(mask_BS, gamma * lam_B[:, None], 1.0)
+
+    advantages = torch.empty((B, S), dtype=f64, device=device)
+    carry_B = torch.zeros(B, dtype=f64, device=device)
+    for t in range(S - 1, -1, -1):
+        carry_B = deltas_BS[:, t] + decay_BS[:, t] * carry_B
+        advantages[:, t] = carry_B
+    return torch.where(mask_BS, advantages, 0.0).to(values_BS.dtype)
+
+
+def masked_whiten(x_BS: torch.Tensor, mask_BS: torch.Tensor, group: Group = None, eps: float = 1e-8) -> torch.Tensor:
+    """``(x - mean) / sqrt(var + eps)`` over the masked-in entries of the whole batch; 0 elsewhere.
+
+    ``mean`` and the unbiased ``var`` are taken over every valid token of every rank
+    of ``group`` (two all-reduces), so the result equals one process whitening the
+    concatenated batch.
+    """
+    _check_batch(mask_BS, x_BS=x_BS)
+    x = torch.where(mask_BS, x_BS.detach().to(torch.float64), 0.0)
+    stats = torch.stack([x.sum(), mask_BS.sum().to(torch.float64)])
+    total, count = all_reduce_no_grad(stats, group).tolist()
+    if count < 2:
+        raise ValueError(f"whitening needs at least 2 valid tokens in the batch, got {int(count)}; fix: set rl.whiten_advantages=false")
+    mean = total / count
+    sq = torch.where(mask_BS, (x - mean) ** 2, 0.0).sum().reshape(1)
+    var = all_reduce_no_grad(sq, group).item() / (count - 1)
+    out = (x - mean) / (var + eps) ** 0.5
+    return torch.where(mask_BS, out, 0.0).to(x_BS.dtype)
+
+
+@dataclass
+class Advantages:
+    """Output of :func:`compute_advantages`."""
+
+    advantages_BS: torch.Tensor  # lambda_policy GAE, whitened if asked; 0 outside the mask
+    returns_BS: torch.Tensor  # value targets: lambda_value GAE + V; 0 outside the mask
+    lambda_policy_B: torch.Tensor  # the lambda used per sequence (float64)
+
+
+def compute_advantages(
+    rewards_BS: torch.Tensor,
+    values_BS: torch.Tensor,
+    mask_BS: torch.Tensor,
+    cfg: RLConfig,
+    truncated_B: Optional[torch.Tensor] = None,
+    dp_group: Group = None,
+) -> Advantages:
+    """Decoupled (and, with ``cfg.length_adaptive``, length-adaptive) GAE for one rollout batch.
+
+    Reads ``gamma``, ``lambda_value``, ``lambda_policy``, ``length_adaptive``,
+    ``length_alpha`` and ``whiten_advantages`` from ``cfg``. Whitening statistics are
+    reduced over ``dp_group`` (None = this process holds the whole batch).
+    """
+    values_BS = values_BS.detach()
+    B = mask_BS.shape[0]
+    if cfg.length_adaptive:
+        lam_policy_B = length_adaptive_lambda(response_lengths(mask_BS), cfg.length_alpha)
+    else:
+        lam_policy_B = torch.full((B,), cfg.lambda_policy, dtype=torch.float64, device=mask_BS.device)
+    advantages_BS = gae(rewards_BS, values_BS, mask_BS, cfg.gamma, lam_policy_B, truncated_B)
+    value_advantages_BS = gae(rewards_BS, values_BS, mask_BS, cfg.gamma, cfg.lambda_value, truncated_B)
+    returns_BS = torch.where(mask_BS, value_advantages_BS + values_BS, 0.0)
+    if cfg.whiten_advantages:
+        advantages_BS = masked_whiten(advantages_BS, mask_BS, dp_group)
+    return Advantages(advantages_BS, returns_BS, lam_policy_B)
