@@ -197,6 +197,11 @@ def _coerce(path: str, value: Any, tp: Any) -> Any:
         return _coerce(path, value, args[0])
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str):
+        try:  # YAML 1.1 reads "1e-3" (no dot) as a string
+            return float(value)
+        except ValueError:
+            pass
     if tp is bool and not isinstance(value, bool):
         raise ConfigError(f"{path}: expected true/false, got {value!r} ({type(value).__name__}); write {path}=true or {path}=false")
     if tp is int and (isinstance(value, bool) or not isinstance(value, int)):
