@@ -1,0 +1,150 @@
+"""Torch reference implementations of the MoE kernels (the semantics the Triton kernels match).
+
+Shapes: ``T`` tokens, ``H`` hidden, ``E`` experts, ``A`` top-k slots per token, ``N``
+routed rows (kept token-slots, sorted by expert), ``K``/``O`` GEMM in/out features.
+
+* :func:`topk_routing`: scores (softmax or sigmoid in fp32), optional selection bias and
+  group limiting, top-k, optional renormalisation.
+* :func:`permute`: token-slots sorted by expert (stable), rows gathered.
+* :func:`unpermute`: ``y[t] = sum_a probs[t, a] * rows[slot(t, a)]`` (weights fused).
+* :func:`grouped_mm`: ``out[rows of expert e] = x[rows of e] @ w[e]`` for contiguous segments.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+
+def compute_scores(logits_TE: torch.Tensor, score_function: str) -> torch.Tensor:
+    """Routing scores in fp32: ``softmax`` over all experts or element-wise ``sigmoid``."""
+    logits_TE = logits_TE.float()
+    if score_function == "softmax":
+        return torch.softmax(logits_TE, dim=-1)
+    if score_function == "sigmoid":
+        return torch.sigmoid(logits_TE)
+    raise ValueError(f"score_function={score_function!r}: must be 'softmax' or 'sigmoid'")
+
+
+def select_experts(scores_TE: torch.Tensor, top_k: int, num_groups: int = 1, top_groups: int = 1) -> torch.Tensor:
+    """Indices ``[T, A]`` of the top-k experts by ``scores_TE`` (no gradient).
+
+    Group-limited (``num_groups > 1``): experts form ``num_groups`` contiguous groups; a
+    group's score is the sum of its best ``top_k // top_groups`` scores (Megatron-core /
+    DeepSeek-V3); only experts in the best ``top_groups`` groups are eligible.
+    """
+    if num_groups > 1:
+        T, E = scores_TE.shape
+        per_group = max(top_k // top_groups, 1)
+        group_scores_TG = scores_TE.view(T, num_groups, E // num_groups).topk(per_group, dim=-1).values.sum(-1)
+        best_groups = group_scores_TG.topk(top_groups, dim=-1).indices
+        group_mask_TG = torch.zeros_like(group_scores_TG, dtype=torch.bool).scatter_(1, best_groups, True)
+        expert_mask_TE = group_mask_TG.repeat_interleave(E // num_groups, dim=1)
+        scores_TE = scores_TE.masked_fill(~expert_mask_TE, float("-inf"))
+    return scores_TE.topk(top_k, dim=-1).indices
+
+
+def topk_routing(
+    logits_TE: torch.Tensor,
+    top_k: int,
+    score_function: str = "softmax",
+    norm_topk_prob: bool = True,
+    expert_bias_E: Optional[torch.Tensor] = None,
+    num_groups: int = 1,
+    top_groups: int = 1,
+) -> tuple:
+    """Route tokens: returns ``(weights_TA fp32, experts_TA int64, scores_TE fp32)``.
+
+    ``scores = softmax(logits)`` or ``sigmoid(logits)``; experts are chosen by
+    ``scores + expert_bias`` (the bias steers selection only, DeepSeek-V3); weights are the
+    chosen unbiased scores, divided by their sum when ``norm_topk_prob``.
+    """
+    scores_TE = compute_scores(logits_TE, score_function)
+    with torch.no_grad():
+        select_TE = scores_TE if expert_bias_E is None else scores_TE + expert_bias_E.float()
+        experts_TA = select_experts(select_TE, top_k, num_groups, top_groups)
+    weights_TA = scores_TE.gather(1, experts_TA)
+    if norm_topk_prob:
+        weights_TA = weights_TA / weights_TA.sum(dim=-1, keepdim=True)
+    return weights_TA, experts_TA, scores_TE
+
+
+def sort_slots(experts_TA: torch.Tensor, num_experts: int) -> tuple:
+    """``(slots_N, tokens_per_expert_E)``: kept slot ids (``t * A + a``) sorted by expert.
+
+    Slots whose expert id is ``>= num_experts`` (dropped by capacity, or owned by another
+    rank) are left out. The sort is stable, so within an expert slots keep token order.
+    """
+    flat = experts_TA.reshape(-1)
+    counts = torch.bincount(flat.clamp(max=num_experts), minlength=num_experts + 1)
+    order = torch.sort(flat, stable=True).indices
+    tokens_per_expert_E = counts[:num_experts]
+    return order[: int(tokens_per_expert_E.sum())], tokens_per_expert_E
+
+
+def permute(x_TH: torch.Tensor, slots_N: torch.Tensor, top_k: int) -> torch.Tensor:
+    """Rows for the experts: ``out[i] = x[slots[i] // top_k]``."""
+    return x_TH.index_select(0, torch.div(slots_N, top_k, rounding_mode="floor"))
+
+
+def unpermute(rows_NH: torch.Tensor, slots_N: torch.Tensor, weights_TA: torch.Tensor) -> torch.Tensor:
+    """``y[t] = sum over kept slots (t, a) of weights[t, a] * rows[i(t, a)]``; fp32 accumulation."""
+    T, A = weights_TA.shape
+    w_N = weights_TA.reshape(-1).index_select(0, slots_N)
+    weighted = rows_NH.float() * w_N.float().unsqueeze(1)
+    out = weighted.new_zeros(T, rows_NH.shape[1]).index_add(0, torch.div(slots_N, A, rounding_mode="floor"), weighted)
+    return out.to(rows_NH.dtype)
+
+
+def _aligned(t: torch.Tensor) -> bool:
+    """torch._grouped_mm needs every non-unit stride to be a multiple of 16 bytes."""
+    return all(s == 1 or (s * t.element_size()) % 16 == 0 for s in t.stride())
+
+
+def _segment_mm_padded(x_NK: torch.Tensor, w_EKO: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+    """Grouped GEMM by padding each segment to the longest and one ``bmm`` (any sizes)."""
+    E = w_EKO.shape[0]
+    N = x_NK.shape[0]
+    longest = int(counts_E.max()) if E else 0
+    starts = torch.cumsum(counts_E, 0) - counts_E
+    expert_N = torch.repeat_interleave(torch.arange(E, device=x_NK.device), counts_E, output_size=N)
+    pos_N = torch.arange(N, device=x_NK.device) - starts[expert_N]
+    padded = x_NK.new_zeros(E, longest, x_NK.shape[1]).index_put((expert_N, pos_N), x_NK)
+    return torch.bmm(padded, w_EKO)[expert_N, pos_N]
+
+
+class _GroupedMM(torch.autograd.Function):
+    """``torch._grouped_mm`` with a backward that accepts any incoming gradient layout."""
+
+    @staticmethod
+    def forward(ctx, x_NK, w_EKO, offs_E):
+        ctx.save_for_backward(x_NK, w_EKO, offs_E)
+        return torch._grouped_mm(x_NK, w_EKO, offs=offs_E)
+
+    @staticmethod
+    def backward(ctx, grad_NO):
+        x_NK, w_EKO, offs_E = ctx.saved_tensors
+        grad_NO = grad_NO.contiguous()
+        dx = dw = None
+        if ctx.needs_input_grad[0]:
+            dx = torch._grouped_mm(grad_NO, w_EKO.transpose(1, 2), offs=offs_E)
+        if ctx.needs_input_grad[1]:
+            dw = torch._grouped_mm(x_NK.t(), grad_NO, offs=offs_E)
+        return dx, dw, None
+
+
+def grouped_mm(x_NK: torch.Tensor, w_EKO: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
+    """``out[rows of e] = x[rows of e] @ w[e]``; rows sorted by expert, ``sum(counts) == N``.
+
+    Uses ``torch._grouped_mm`` (one call, no loop over experts) when the layout allows it,
+    else a padded ``bmm``.
+    """
+    N, O = x_NK.shape[0], w_EKO.shape[2]
+    if N == 0:
+        return x_NK.new_zeros(0, O) + 0.0 * w_EKO.sum()  # keeps w in the graph: its gradient is 0
+    usable = x_NK.device.type == "cpu" or x_NK.dtype == torch.bfloat16
+    if usable and _aligned(x_NK) and _aligned(w_EKO) and (O * x_NK.element_size()) % 16 == 0 and (x_NK.shape[1] * x_NK.element_size()) % 16 == 0:
+        offs = torch.cumsum(tokens_per_expert_E, 0).to(torch.int32)
+        return _GroupedMM.apply(x_NK, w_EKO, offs)
+    return _segment_mm_padded(x_NK, w_EKO, tokens_per_expert_E)

@@ -1,0 +1,77 @@
+"""The MoE block: router -> token dispatcher -> grouped experts -> combine, plus shared experts.
+
+``y = sum_{e in topk(x)} w_e(x) * expert_e(x) + shared(x)`` with Qwen3-MoE semantics by
+default (softmax router over all experts in fp32, top-k, renormalised weights, SwiGLU
+experts). Shapes: ``x_BSH`` in and out; under sequence parallel ``S`` is the local
+shard ``S / tp``.
+
+Parameter names (HF Qwen3-MoE names in brackets, see :mod:`moe.experts`):
+
+* ``router.weight [E, H]`` (``mlp.gate.weight``); buffer ``router.expert_bias [E]`` when
+  aux-loss-free balancing is on;
+* ``experts.w_gate_up [E, 2, F, H]`` (``mlp.experts.{e}.gate_proj`` / ``up_proj``);
+* ``experts.w_down [E, H, F]`` (``mlp.experts.{e}.down_proj``);
+* ``shared_experts.{gate,up,down}_proj.weight`` when ``num_shared_experts > 0``.
+
+Parallelism: experts are split over ep (and their ffn over etp); the router and shared
+experts are replicated / tp-split like dense layers. With tp > 1 and no sequence
+parallel, every tp rank holds the same tokens: the routed path then works on this rank's
+sequence chunk and all-gathers the result, so no token is computed twice.
+
+The aux and z losses reach the gradients by themselves (scaled by ``aux_loss_scale``,
+which the trainer sets to ``1 / num_microbatches``); ``last_stats`` holds the detached
+``aux_loss``, ``z_loss`` and local ``tokens_per_expert`` of the last forward. With
+``bias_update_rate > 0`` call :func:`moe.router.update_expert_biases` after each step.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from megatron_seed.config import ModelConfig
+from megatron_seed.parallel.mappings import gather_from_parallel_region, scatter_to_sequence_parallel_region
+from megatron_seed.parallel.state import ParallelState
+from moe.dispatcher import build_dispatcher
+from moe.experts import GroupedExperts, SharedExperts
+from moe.kernels import ops, resolve_backend
+from moe.router import Router
+
+
+class MoELayer(nn.Module):
+    """Routed SwiGLU experts (expert-parallel) plus optional shared experts."""
+
+    def __init__(self, cfg: ModelConfig, ps: ParallelState):
+        super().__init__()
+        moe = cfg.moe
+        self.moe_cfg, self.ps = moe, ps
+        self.router = Router(moe, cfg.hidden_size, ps)
+        self.experts = GroupedExperts(moe.num_experts, cfg.hidden_size, moe.ffn_size, ps)
+        self.shared_experts = (
+            SharedExperts(cfg.hidden_size, moe.num_shared_experts * moe.shared_ffn_size, ps) if moe.num_shared_experts else None
+        )
+        self.aux_loss_scale: float = 1.0
+        self.last_stats: dict = {}
+
+    def forward(self, x_BSH: torch.Tensor) -> torch.Tensor:
+        ps = self.ps
+        split_tokens = ps.tp_size > 1 and not ps.sequence_parallel
+        if split_tokens and x_BSH.shape[1] % ps.tp_size:
+            raise ValueError(f"MoELayer: sequence length {x_BSH.shape[1]} must be divisible by tp={ps.tp_size}")
+        x_local = scatter_to_sequence_parallel_region(x_BSH, ps.tp_group, 1) if split_tokens else x_BSH
+        B, S, H = x_local.shape
+        routing = self.router(x_local, self.aux_loss_scale)
+        kernels = ops(resolve_backend(self.moe_cfg.kernel_backend, x_BSH.device))
+        dispatcher = build_dispatcher(self.moe_cfg.dispatcher, self.moe_cfg.num_experts, self.moe_cfg.top_k, ps, kernels)
+        rows_NH, tokens_per_expert_L = dispatcher.token_dispatch(x_local.reshape(-1, H), routing.weights_TA, routing.experts_TA)
+        out_NH = self.experts(rows_NH, tokens_per_expert_L, kernels)
+        y_BSH = dispatcher.token_combine(out_NH).view(B, S, H)
+        if split_tokens:
+            y_BSH = gather_from_parallel_region(y_BSH, ps.tp_group, 1)
+        if self.shared_experts is not None:
+            y_BSH = y_BSH + self.shared_experts(x_BSH)
+        self.last_stats = {
+            "aux_loss": routing.aux_loss.detach(),
+            "z_loss": routing.z_loss.detach(),
+            "tokens_per_expert": routing.tokens_per_expert_E.detach(),
+        }
+        return y_BSH
