@@ -113,8 +113,11 @@ def batch_iterator(
             f"consumed_samples={consumed_samples} is not a multiple of micro_batch_size * dp_size = {block}; "
             "it must count whole steps of every rank"
         )
+    return _batches(dataset, micro_batch_size, consumed_samples + dp_rank * micro_batch_size, block)
+
+
+def _batches(dataset, micro_batch_size: int, start: int, block: int) -> Iterator[torch.Tensor]:
     n = len(dataset)
-    start = consumed_samples + dp_rank * micro_batch_size
     while True:
         rows = [dataset[(start + j) % n] for j in range(micro_batch_size)]
         yield torch.from_numpy(np.stack(rows))
