@@ -14,7 +14,7 @@ from megatron_seed.config import ModelConfig
 
 @dataclass
 class ParamCount:
-    embeddings: int  # input embedding + untied output head
+    embeddings: int  # input embedding + untied output head (none on value-head models)
     attention: int  # q/k/v/o projections and QK-norm weights
     dense_mlp: int  # SwiGLU of the leading dense layers
     router: int
@@ -56,7 +56,7 @@ def count_parameters(m: ModelConfig) -> ParamCount:
         attn_per_layer += 2 * d
     expert = 3 * h * m.moe.ffn_size
     return ParamCount(
-        embeddings=m.vocab_size * h * (1 if m.tie_embeddings else 2),
+        embeddings=m.vocab_size * h * (1 if m.tie_embeddings or m.value_head else 2),  # a value head replaces the LM head
         attention=m.num_layers * attn_per_layer,
         dense_mlp=m.num_dense_layers * 3 * h * m.dense_ffn_size,
         router=moe_layers * h * m.moe.num_experts,
