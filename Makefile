@@ -17,6 +17,10 @@ $(VENV)/.installed: setup.py
 	touch $@
 
 setup: $(VENV)/.installed
+	@# bubblewrap isolates the code sandbox (rl/rewards/sandbox.py); without it the sandbox uses rlimits only
+	@if ! command -v bwrap >/dev/null && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  apt-get install -y -q bubblewrap >/dev/null 2>&1 || { apt-get update -q >/dev/null 2>&1 && \
+	  apt-get install -y -q bubblewrap >/dev/null 2>&1; } || echo "note: bubblewrap not installed; code sandbox uses rlimits only"; fi
 
 demo: setup
 	$(VENV)/bin/megatron-seed demo
