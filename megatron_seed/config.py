@@ -165,6 +165,7 @@ class RLConfig:
     adaptation_min_weight: float = 0.05
     adaptation_max_weight: float = 0.8
     adaptation_rate: float = 0.5
+    adaptation_ema: float = 0.8  # smoothing of the per-domain signals (0 = latest step only)
 
 
 @dataclass
@@ -422,6 +423,8 @@ def validate_config(cfg: Config) -> None:
         _require(r.dual_clip > 1, f"rl.dual_clip={r.dual_clip}: must be > 1 (it bounds the loss at dual_clip * |A|)")
     _one_of("rl.loss_agg", r.loss_agg, ("token", "sequence"))
     _one_of("rl.adaptation_rule", r.adaptation_rule, ("learnability", "reward", "uniform"))
+    _require(0 <= r.adaptation_rate <= 1, f"rl.adaptation_rate={r.adaptation_rate}: must be in [0, 1]")
+    _require(0 <= r.adaptation_ema < 1, f"rl.adaptation_ema={r.adaptation_ema}: must be in [0, 1)")
     _require(
         0 <= r.adaptation_min_weight <= r.adaptation_max_weight <= 1,
         f"rl.adaptation_min_weight={r.adaptation_min_weight} / rl.adaptation_max_weight={r.adaptation_max_weight}: need 0 <= min <= max <= 1",
