@@ -84,6 +84,25 @@ class DistributedOptimizer:
         for p in self.params:
             p.grad = None
 
+    def _reduce_partial_tp_grads(self) -> None:
+        """Sum over tp the gradients of tp-replicated weights that each tp rank saw only part of.
+
+        Parameters marked ``sequence_parallel`` in their sharding record (e.g. the MoE
+        router, which routes a different chunk of tokens on each tp rank) hold a partial
+        gradient per rank; one flat all-reduce over tp completes them before dp reduction.
+        """
+        if self.ps.tp_size == 1:
+            return
+        params = [p for p in self.params if get_sharding(p).sequence_parallel and p.grad is not None]
+        if not params:
+            return
+        flat = torch.cat([p.grad.reshape(-1) for p in params])
+        dist.all_reduce(flat, group=self.ps.tp_group)
+        offset = 0
+        for p in params:
+            p.grad.copy_(flat[offset:offset + p.numel()].view_as(p.grad))
+            offset += p.numel()
+
     def _reduced_flat_grad(self, b: _Bucket) -> torch.Tensor:
         grads = [(p.grad if p.grad is not None else torch.zeros_like(p)).float() for p in b.params]
         flat = self._flat(grads, b.numel)
@@ -111,6 +130,7 @@ class DistributedOptimizer:
 
         Raises :class:`NonFiniteGradError` (parameters untouched) on a NaN/Inf norm.
         """
+        self._reduce_partial_tp_grads()
         flats = [self._reduced_flat_grad(b) for b in self.buckets]
         norm = self._grad_norm(flats)
         if not math.isfinite(norm):
@@ -148,6 +168,13 @@ class DistributedOptimizer:
             offset += p.numel()
 
     # ------------------------------------------------------------------ state
+    @torch.no_grad()
+    def sync_master_from_params(self) -> None:
+        """Take the master weights from the parameters (after loading weights only)."""
+        for b in self.buckets:
+            flat = self._flat([p.detach().float() for p in b.params], b.numel)
+            b.master.copy_(flat[b.start:b.end])
+
     def state_bytes(self) -> int:
         """Bytes of optimizer state on this rank (master weights and both moments)."""
         return sum(t.numel() * t.element_size() for b in self.buckets for t in (b.master, b.exp_avg, b.exp_avg_sq))

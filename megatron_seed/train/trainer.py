@@ -155,9 +155,13 @@ class Trainer:
         _, state = checkpoint.load_checkpoint(load_dir, self.ps.rank, self.layout_record())
         for m, s in zip(self.chunks, state["model"]):
             m.load_state_dict(s)
-        self.optimizer.load_state_dict(state["optimizer"])
+        if "optimizer" in state:
+            self.optimizer.load_state_dict(state["optimizer"])
+        else:  # weights only (e.g. converted from Hugging Face): a fresh optimizer
+            self.optimizer.sync_master_from_params()
         self.step, self.consumed_samples = state["step"], state["consumed_samples"]
-        torch.set_rng_state(state["rng"])
+        if "rng" in state:
+            torch.set_rng_state(state["rng"])
         return state
 
     # ------------------------------------------------------------------ loop
