@@ -31,7 +31,7 @@ from typing import Optional, Union
 
 import torch
 
-from megatron_seed.config import RLConfig
+from megatron_seed.config import ConfigError, RLConfig
 from megatron_seed.parallel.mappings import all_reduce_no_grad
 from megatron_seed.parallel.state import Group
 
@@ -73,7 +73,7 @@ def place_terminal_reward(reward_B: torch.Tensor, mask_BS: torch.Tensor) -> torc
 def length_adaptive_lambda(lengths_B: torch.Tensor, alpha: float) -> torch.Tensor:
     """``lambda_B = clamp(1 - 1 / (alpha * l_B), 0, 1)``; an empty response gets 0."""
     if alpha <= 0:
-        raise ValueError(f"alpha={alpha}: must be > 0 (rl.length_alpha)")
+        raise ConfigError(f"alpha={alpha}: must be > 0 (rl.length_alpha)")
     lengths_B = lengths_B.to(torch.float64)
     lam_B = 1.0 - 1.0 / (alpha * lengths_B.clamp(min=1e-12))
     return lam_B.clamp(0.0, 1.0)
@@ -120,7 +120,10 @@ def gae(
     values_ext = torch.cat([values, end_value_B[:, None]], dim=1)
     next_values_BS = values_ext.gather(1, next_idx_BS)
 
-    lam_B = torch.as_tensor(lam, dtype=f64, device=device).expand(B)
+    lam_B = torch.as_tensor(lam, dtype=f64, device=device)
+    if lam_B.dim() > 1 or lam_B.numel() not in (1, B):
+        raise ValueError(f"lam has shape {tuple(lam_B.shape)}; pass a float or one lambda per sequence [{B}]")
+    lam_B = lam_B.expand(B)
     deltas_BS = torch.where(mask_BS, rewards + gamma * next_values_BS - values, 0.0)
     decay_BS = torch.where(mask_BS, gamma * lam_B[:, None], 1.0)
 

@@ -32,7 +32,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from megatron_seed.config import RLConfig
+from megatron_seed.config import ConfigError, RLConfig
 from megatron_seed.parallel.mappings import all_reduce_no_grad
 from megatron_seed.parallel.state import Group
 
@@ -52,7 +52,7 @@ def _check(mask_BS: torch.Tensor, **tensors: Optional[torch.Tensor]) -> None:
 
 def _check_agg(agg: str) -> None:
     if agg not in AGG_MODES:
-        raise ValueError(f"agg={agg!r}: must be one of {', '.join(AGG_MODES)} (rl.loss_agg)")
+        raise ConfigError(f"agg={agg!r}: must be one of {', '.join(AGG_MODES)} (rl.loss_agg)")
 
 
 @dataclass(frozen=True)
@@ -161,9 +161,9 @@ def policy_loss(
     """
     _check(mask_BS, logprobs_BS=logprobs_BS, old_logprobs_BS=old_logprobs_BS, advantages_BS=advantages_BS)
     if not (0 < eps_low < 1 and eps_high > 0):
-        raise ValueError(f"eps_low={eps_low}, eps_high={eps_high}: need 0 < eps_low < 1 and eps_high > 0 (rl.eps_low / rl.eps_high)")
+        raise ConfigError(f"eps_low={eps_low}, eps_high={eps_high}: need 0 < eps_low < 1 and eps_high > 0 (rl.eps_low / rl.eps_high)")
     if dual_clip is not None and dual_clip <= 1:
-        raise ValueError(f"dual_clip={dual_clip}: must be > 1 or None (rl.dual_clip)")
+        raise ConfigError(f"dual_clip={dual_clip}: must be > 1 or None (rl.dual_clip)")
     # detached inputs are zeroed outside the mask so padding garbage cannot reach a gradient as 0 * NaN
     adv = torch.where(mask_BS, advantages_BS.detach().to(logprobs_BS.dtype), 0.0)
     old_logprobs = torch.where(mask_BS, old_logprobs_BS.detach().to(logprobs_BS.dtype), logprobs_BS.detach())
@@ -300,7 +300,7 @@ def value_loss(
     loss_BS = (values_BS - returns) ** 2
     if clip is not None:
         if clip <= 0:
-            raise ValueError(f"value clip={clip}: must be > 0 or None (rl.value_clip)")
+            raise ConfigError(f"value clip={clip}: must be > 0 or None (rl.value_clip)")
         old = torch.where(mask_BS, old_values_BS.detach().to(values_BS.dtype), values_BS.detach())
         clipped_BS = (old + (values_BS - old).clamp(-clip, clip) - returns) ** 2
         clip_active = clipped_BS > loss_BS
