@@ -56,7 +56,11 @@ class MoELayer(nn.Module):
         ps = self.ps
         split_tokens = ps.tp_size > 1 and not ps.sequence_parallel
         if split_tokens and x_BSH.shape[1] % ps.tp_size:
-            raise ValueError(f"MoELayer: sequence length {x_BSH.shape[1]} must be divisible by tp={ps.tp_size}")
+            if torch.is_grad_enabled():
+                raise ValueError(f"MoELayer: sequence length {x_BSH.shape[1]} must be divisible by tp={ps.tp_size}")
+            # Inference with S % tp != 0 (decode steps, S=1): each tp rank routes all its tokens
+            # itself; same outputs, and no gradient exists that the duplicated work could double.
+            split_tokens = False
         x_local = scatter_to_sequence_parallel_region(x_BSH, ps.tp_group, 1) if split_tokens else x_BSH
         B, S, H = x_local.shape
         routing = self.router(x_local, self.aux_loss_scale)
