@@ -1,9 +1,11 @@
 """JSONL -> Megatron indexed dataset, tokenized in parallel worker processes.
 
-The input is streamed: the main process reads chunks of lines, at most
-``2 * workers`` chunks are in flight, workers return the chunk's tokens
-concatenated with per-document lengths, and the main process appends them to
-``PREFIX.bin`` in input order. Memory stays bounded by the chunks in flight, never
+The input is streamed: the main process only cuts the file into byte ranges of
+about ``chunk_bytes`` ending at line boundaries (and counts their newlines, for line
+numbers); workers read their range themselves, parse and tokenize it, and return the
+tokens (already in the output dtype) with per-document lengths. At most
+``2 * workers`` ranges are in flight and the main process appends results to
+``PREFIX.bin`` in input order, so memory stays bounded by the chunks in flight, never
 by the file size, and the output is identical for any number of workers.
 
 Every document is ``tokenizer.encode(record[json_key])`` followed by EOS (unless
@@ -13,6 +15,7 @@ string ``json_key`` is reported with its line number, skipped and counted.
 from __future__ import annotations
 
 import collections
+import itertools
 import json
 import multiprocessing as mp
 import sys
@@ -47,16 +50,21 @@ class PreprocessReport:
         )
 
 
-def _init_worker(tokenizer: Tokenizer, json_key: str, append_eod: bool) -> None:
-    _worker_state.update(tokenizer=tokenizer, json_key=json_key, append_eod=append_eod)
+def _init_worker(tokenizer: Tokenizer, json_key: str, append_eod: bool, dtype: type) -> None:
+    _worker_state.update(tokenizer=tokenizer, json_key=json_key, append_eod=append_eod, dtype=dtype)
 
 
-def encode_chunk(lines: list) -> tuple:
-    """``[(line_no, raw bytes)]`` -> ``(tokens int64[], lengths, bad [(line_no, message)])``."""
+def encode_chunk(path: str, offset: int, nbytes: int, first_line: int) -> tuple:
+    """Bytes ``[offset, offset+nbytes)`` of ``path`` (whole lines) -> ``(tokens, lengths, bad [(line_no, message)])``."""
     tok: Tokenizer = _worker_state["tokenizer"]
     key, eod = _worker_state["json_key"], _worker_state["append_eod"]
+    with open(path, "rb") as f:
+        f.seek(offset)
+        block = f.read(nbytes)
     texts, bad = [], []
-    for line_no, raw in lines:
+    for line_no, raw in enumerate(block.split(b"\n"), start=first_line):
+        if not raw.strip():
+            continue
         try:
             obj = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -75,23 +83,27 @@ def encode_chunk(lines: list) -> tuple:
     if eod:
         docs = [ids + [tok.eos_id] for ids in docs]
     lengths = [len(ids) for ids in docs]
-    tokens = np.fromiter((t for ids in docs for t in ids), dtype=np.int64, count=sum(lengths))
+    tokens = np.fromiter(itertools.chain.from_iterable(docs), dtype=_worker_state["dtype"], count=sum(lengths))
     return tokens, lengths, bad
 
 
-def read_chunks(path: Union[str, Path], chunk_bytes: int) -> Iterator[tuple]:
-    """Yield ``(lines, nbytes)`` with ``lines = [(line_no, raw)]`` of about ``chunk_bytes``; blank lines dropped."""
-    lines, size = [], 0
+def byte_ranges(path: Union[str, Path], chunk_bytes: int) -> Iterator[tuple]:
+    """``(offset, nbytes, first_line_no)`` of consecutive blocks of whole lines, each about ``chunk_bytes``."""
+    offset, line_no, carry = 0, 1, b""
     with open(path, "rb") as f:
-        for line_no, raw in enumerate(f, start=1):
-            size += len(raw)
-            if raw.strip():
-                lines.append((line_no, raw))
-            if size >= chunk_bytes:
-                yield lines, size
-                lines, size = [], 0
-    if lines or size:
-        yield lines, size
+        while True:
+            block = f.read(chunk_bytes)
+            if not block:
+                break
+            data = carry + block
+            cut = data.rfind(b"\n") + 1  # 0 when the block holds no line end yet: read on
+            if cut:
+                yield offset, cut, line_no
+                offset += cut
+                line_no += data.count(b"\n", 0, cut)
+            carry = data[cut:]
+    if carry:
+        yield offset, len(carry), line_no
 
 
 def preprocess_jsonl(
@@ -119,7 +131,8 @@ def preprocess_jsonl(
         raise FileNotFoundError(f"--input {input_path}: no such file")
     report = PreprocessReport()
     start = time.perf_counter()
-    builder = IndexedDatasetBuilder(output_prefix, best_dtype(tok.vocab_size))
+    dtype = best_dtype(tok.vocab_size)
+    builder = IndexedDatasetBuilder(output_prefix, dtype)
     bar = tqdm(total=input_path.stat().st_size, unit="B", unit_scale=True, desc="preprocess", disable=not progress, file=log)
 
     def consume(result: tuple, nbytes: int) -> None:
@@ -134,16 +147,17 @@ def preprocess_jsonl(
         bar.set_postfix(docs=report.documents, bad=len(report.bad_lines), refresh=False)
 
     try:
+        init = (tok, json_key, append_eod, dtype)
         if workers <= 1:
-            _init_worker(tok, json_key, append_eod)
-            for lines, nbytes in read_chunks(input_path, chunk_bytes):
-                consume(encode_chunk(lines), nbytes)
+            _init_worker(*init)
+            for offset, nbytes, line_no in byte_ranges(input_path, chunk_bytes):
+                consume(encode_chunk(str(input_path), offset, nbytes, line_no), nbytes)
         else:
             ctx = mp.get_context("spawn")
-            with ctx.Pool(workers, initializer=_init_worker, initargs=(tok, json_key, append_eod)) as pool:
+            with ctx.Pool(workers, initializer=_init_worker, initargs=init) as pool:
                 in_flight: collections.deque = collections.deque()
-                for lines, nbytes in read_chunks(input_path, chunk_bytes):
-                    in_flight.append((pool.apply_async(encode_chunk, (lines,)), nbytes))
+                for offset, nbytes, line_no in byte_ranges(input_path, chunk_bytes):
+                    in_flight.append((pool.apply_async(encode_chunk, (str(input_path), offset, nbytes, line_no)), nbytes))
                     if len(in_flight) >= 2 * workers:  # back-pressure: never read far ahead of the writer
                         job, size = in_flight.popleft()
                         consume(job.get(), size)
