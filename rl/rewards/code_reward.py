@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import re
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -82,8 +83,7 @@ class CodeReward(BaseScorer):
         if not tests:
             raise ValueError("CodeReward: sample has an empty 'tests' list; give at least one test case")
         program = extract_code(sample.response)
-        jobs = [self._job(program, case, i) for i, case in enumerate(tests)]
-        runs = self.sandbox.run_many(jobs)
+        runs = self._run_cases(program, [self._case(case, i) for i, case in enumerate(tests)])
         verdicts = [self._judge(case, run, sample.checker) for case, run in zip(tests, runs)]
         if sample.checker is not None:
             verdicts = self._run_checkers(tests, runs, verdicts, sample.checker)
@@ -97,12 +97,23 @@ class CodeReward(BaseScorer):
             reward = passed / total
         return RewardResult(reward, passed == total, reason)
 
+    def _run_cases(self, program: str, cases: list) -> list:
+        """All cases of one program, split over up to ``workers`` sandboxes running at once."""
+        n_chunks = min(self.config.workers, len(cases))
+        size = -(-len(cases) // n_chunks)
+        chunks = [cases[i:i + size] for i in range(0, len(cases), size)]
+        if len(chunks) == 1:
+            return self.sandbox.run_cases(program, chunks[0])
+        with ThreadPoolExecutor(len(chunks)) as pool:
+            return [run for runs in pool.map(lambda c: self.sandbox.run_cases(program, c), chunks) for run in runs]
+
     @staticmethod
-    def _job(program: str, case: dict, index: int) -> tuple:
+    def _case(case: dict, index: int) -> tuple:
+        """(stdin, code appended to the program) for one test case."""
         if "assert" in case:
-            return (program + "\n\n" + case["assert"] + "\n", case.get("input", ""))
+            return (case.get("input", ""), "\n\n" + case["assert"] + "\n")
         if "output" in case:
-            return (program, case.get("input", ""))
+            return (case.get("input", ""), "")
         raise ValueError(f"CodeReward: test {index} has neither 'output' (stdin/stdout case) nor 'assert' "
                          f"(function-call case); keys given: {sorted(case)}")
 

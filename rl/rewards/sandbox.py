@@ -29,6 +29,7 @@ gigabytes would cost far more than the program itself.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import queue
@@ -41,11 +42,13 @@ import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional, Sequence
 
 logger = logging.getLogger(__name__)
 
+_HARNESS_SOURCE = (Path(__file__).parent / "sandbox_harness.py").read_text()
 BUBBLEWRAP = "bubblewrap"
 RLIMITS_ONLY = "rlimits-only"
 _MB = 1024 * 1024
@@ -202,14 +205,14 @@ class Sandbox:
         return None
 
     def _command(self, isolation: str, work: str, files: Sequence[str], uid: Optional[int],
-                 bwrap: Optional[str] = None) -> list[str]:
-        """argv: [bwrap ...] [setpriv ...] prlimit ... python -I -S main.py."""
+                 bwrap: Optional[str] = None, script: str = "main.py") -> list[str]:
+        """argv: [bwrap ...] [setpriv ...] prlimit ... python -I -S <script>."""
         lim = self.limits
         inner = [self._prlimit, f"--cpu={lim.cpu_s}:{lim.cpu_s + 1}", f"--as={lim.memory_mb * _MB}",
                  f"--fsize={lim.file_size_mb * _MB}", f"--nofile={lim.open_files}", f"--core=0"]
         if uid is not None:
             inner.append(f"--nproc={lim.max_processes}")
-        inner += ["--", self.python, "-I", "-S", "main.py"]
+        inner += ["--", self.python, "-I", "-S", script]
         if uid is not None:
             inner = [self._setpriv, f"--reuid={uid}", f"--regid={uid}", "--clear-groups",
                      "--inh-caps=-all", "--bounding-set=-all", "--no-new-privs"] + inner
@@ -246,21 +249,56 @@ class Sandbox:
         """Run ``source`` as ``main.py`` with ``stdin``; ``files`` (name -> text) sit beside it, read-only."""
         files = dict(files or {})
         for name in files:
-            if "/" in name or name in ("", ".", "..", "main.py", ".stdin"):
+            if "/" in name or name in ("", ".", "..", "main.py", "harness.py", "cases.json", ".stdin"):
                 raise ValueError(f"Sandbox.run: bad file name {name!r}; use a plain name other than main.py")
+        return self._in_sandbox({"main.py": source, **files}, "main.py", stdin, self.limits.wall_s,
+                                self.limits.output_bytes)
+
+    def run_cases(self, source: str, cases: Sequence[tuple]) -> list[RunResult]:
+        """Run one program on many ``(stdin, suffix)`` cases inside a single sandbox.
+
+        ``suffix`` is code appended to the program for that case (function-call asserts).
+        A forked child per case (see :mod:`rl.rewards.sandbox_harness`) gets the same
+        per-run limits as :meth:`run`; the sandbox as a whole gets ``wall_s`` per case.
+        If the harness itself fails, every case without a result is a ``sandbox_error``.
+        """
+        if not cases:
+            return []
+        lim = self.limits
+        spec = {"source": source, "cases": [{"stdin": stdin, "suffix": suffix} for stdin, suffix in cases],
+                "cpu_s": lim.cpu_s, "wall_s": lim.wall_s, "output_bytes": lim.output_bytes}
+        files = {"harness.py": _HARNESS_SOURCE, "cases.json": json.dumps(spec)}
+        # JSON escaping can grow output up to 6x; the harness caps each case at output_bytes.
+        run = self._in_sandbox(files, "harness.py", "", lim.wall_s * len(cases) + 5.0,
+                               6 * lim.output_bytes * len(cases) + 65536)
+        results = []
+        for line in run.stdout.splitlines():
+            try:
+                record = json.loads(line)
+                results.append(RunResult(record["status"], record["returncode"], record["stdout"], record["stderr"],
+                                         record["wall_s"], record["detail"]))
+            except (ValueError, KeyError, TypeError):
+                break
+        failure = f"harness {run.describe()}" if not run.ok else "harness ended early"
+        while len(results) < len(cases):
+            results.append(RunResult("sandbox_error", None, "", run.stderr[-2000:], run.wall_s, failure))
+        return results[:len(cases)]
+
+    def _in_sandbox(self, files: dict, script: str, stdin: str, wall_s: float, output_bytes: int) -> RunResult:
         uid = self._slots.get()
         work = tempfile.mkdtemp(prefix="sandbox-")
         try:
             os.chmod(work, 0o755)  # the dropped uid must be able to read the program (rlimits-only mode)
-            for name, text in {"main.py": source, **files}.items():
+            for name, text in files.items():
                 with open(os.path.join(work, name), "w", encoding="utf-8") as f:
                     f.write(text)
                 os.chmod(os.path.join(work, name), 0o644)
             stdin_path = os.path.join(work, ".stdin")
             with open(stdin_path, "w", encoding="utf-8") as f:
                 f.write(stdin)
-            argv = self._command(self.isolation, work, ["main.py", *files], uid if self.drops_uid else None)
-            return self._execute(argv, work, stdin_path, uid if self.drops_uid else None)
+            run_uid = uid if self.drops_uid else None
+            argv = self._command(self.isolation, work, list(files), run_uid, script=script)
+            return self._execute(argv, work, stdin_path, run_uid, wall_s, output_bytes)
         finally:
             shutil.rmtree(work, ignore_errors=True)
             self._slots.put(uid)
@@ -270,8 +308,8 @@ class Sandbox:
         with ThreadPoolExecutor(self.workers) as pool:
             return list(pool.map(lambda job: self.run(*job), jobs))
 
-    def _execute(self, argv: list[str], work: str, stdin_path: str, uid: Optional[int]) -> RunResult:
-        lim = self.limits
+    def _execute(self, argv: list[str], work: str, stdin_path: str, uid: Optional[int], wall_s: float,
+                 output_bytes: int) -> RunResult:
         env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": work}
         start = time.monotonic()
         try:
@@ -283,7 +321,7 @@ class Sandbox:
         status, detail = "ok", ""
         out, err = bytearray(), bytearray()
         try:
-            verdict = self._collect(proc, out, err, start + lim.wall_s, lim.output_bytes)
+            verdict = self._collect(proc, out, err, start + wall_s, output_bytes)
             if verdict is not None:
                 status, detail = verdict
         finally:
