@@ -142,7 +142,9 @@ def grouped_mm(x_NK: torch.Tensor, w_EKO: torch.Tensor, tokens_per_expert_E: tor
     """
     N, O = x_NK.shape[0], w_EKO.shape[2]
     if N == 0:
-        return x_NK.new_zeros(0, O) + 0.0 * w_EKO.sum()  # keeps w in the graph: its gradient is 0
+        # an empty product that keeps x and w in the graph, so collectives in their
+        # backward (the dispatcher's all-to-all) still run on this rank
+        return x_NK @ w_EKO[0]
     usable = x_NK.device.type == "cpu" or x_NK.dtype == torch.bfloat16
     if usable and _aligned(x_NK) and _aligned(w_EKO) and (O * x_NK.element_size()) % 16 == 0 and (x_NK.shape[1] * x_NK.element_size()) % 16 == 0:
         offs = torch.cumsum(tokens_per_expert_E, 0).to(torch.int32)
