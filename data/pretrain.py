@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
 from pathlib import Path
 from typing import Iterator, Optional, Sequence, Union
 
@@ -24,6 +23,7 @@ import numpy as np
 import torch
 
 from data.build_corpus import CORPUS_FILE, read_documents
+from data.cache import cache_dir
 from data.gpt_dataset import BlendedDataset, GPTDataset, normalize_weights
 from data.indexed import IndexedDataset, IndexedDatasetBuilder, best_dtype, dataset_exists
 from data.tokenizer import Tokenizer
@@ -31,12 +31,6 @@ from data.tokenizer import Tokenizer
 BUNDLED = "bundled"
 # Megatron over-provisions each blended component by 0.5% so rounding never runs one dry.
 BLEND_MARGIN = 1.005
-
-
-def cache_dir(override: Optional[Union[str, Path]] = None) -> Path:
-    path = Path(override or os.environ.get("MEGATRON_SEED_CACHE") or Path.home() / ".cache" / "megatron_seed")
-    path.mkdir(parents=True, exist_ok=True)
-    return path
 
 
 def bundled_prefix(tokenizer: Tokenizer, cache: Optional[Union[str, Path]] = None) -> str:

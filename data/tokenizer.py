@@ -8,7 +8,8 @@ the vocabulary does (used to key caches of tokenized data).
 :func:`load_tokenizer` accepts
 
 - ``"bundled"``: the sentencepiece BPE model of vocabulary 2048 trained on the bundled
-  corpus (``data/corpus/bundled.model``, committed; :func:`train_bundled` rebuilds it);
+  corpus (``data/corpus/bundled.model``, committed, 30 KB; where it is missing it is
+  trained once into the cache directory; :func:`train_bundled` rebuilds it, byte for byte);
 - a path to a sentencepiece ``.model`` file;
 - a Hugging Face tokenizer directory (``tokenizer.json`` / ``tokenizer_config.json``),
   loaded with ``transformers`` so converted HF checkpoints keep their vocabulary.
@@ -210,9 +211,14 @@ def load_tokenizer(spec: Union[str, Path]) -> Tokenizer:
     """``"bundled"``, a sentencepiece ``.model`` path, or a HF tokenizer directory -> :class:`Tokenizer`."""
     spec_str = str(spec)
     if spec_str == "bundled":
-        if not BUNDLED_MODEL.exists():
-            train_bundled()
-        tok = SentencePieceTokenizer.from_file(BUNDLED_MODEL)
+        path = BUNDLED_MODEL
+        if not path.exists():  # e.g. an install without package data: train once into the cache
+            from data.cache import cache_dir
+
+            path = cache_dir() / BUNDLED_MODEL.name
+            if not path.exists():
+                train_bundled(path)
+        tok = SentencePieceTokenizer.from_file(path)
         tok.name = "bundled"
         return tok
     path = Path(spec_str).expanduser()

@@ -151,3 +151,15 @@ def test_batch_iterator_is_exactly_resumable_across_dp_ranks(tmp_path, tok):
     assert steps[1][2][0].numpy().tolist() == ds[2 * mbs * dp + mbs].tolist()
     with pytest.raises(ValueError, match="multiple of"):
         batch_iterator(ds, mbs, 0, dp, consumed_samples=5)
+
+
+@pytest.mark.timeout(120)
+def test_preprocess_command_reports_and_writes(tmp_path, capsys, tok):
+    from megatron_seed.cli import main
+
+    _write_jsonl(tmp_path / "in.jsonl", ["alpha beta", "gamma"], bad_at=(1,))
+    code = main(["preprocess", "--input", str(tmp_path / "in.jsonl"), "--output-prefix", str(tmp_path / "out"),
+                 "--workers", "1", "--no-progress"])
+    out, err = capsys.readouterr()
+    assert code == 0 and "2 documents" in out and "1 bad lines skipped" in out and "in.jsonl:2: invalid JSON" in err
+    assert IndexedDataset(tmp_path / "out")[1].tolist() == tok.encode("gamma") + [tok.eos_id]

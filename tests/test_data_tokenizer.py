@@ -107,3 +107,14 @@ def test_hf_tokenizer_directory_keeps_vocabulary_and_uses_chatml(tmp_path):
     assert chat.layout == "chatml"
     out = chat.render(CONVERSATION[1:3])
     assert tok.decode([i for i, m in zip(out.ids, out.loss_mask) if m]) == "The answer is 5.<|im_end|>"
+
+
+@pytest.mark.timeout(200)
+def test_missing_bundled_model_is_trained_into_the_cache_identically(tmp_path, monkeypatch):
+    import data.tokenizer as tokenizer_module
+
+    monkeypatch.setenv("MEGATRON_SEED_CACHE", str(tmp_path))
+    monkeypatch.setattr(tokenizer_module, "BUNDLED_MODEL", tmp_path / "absent" / "bundled.model")
+    tok = load_tokenizer("bundled")
+    assert (tmp_path / "bundled.model").read_bytes() == BUNDLED_MODEL.read_bytes()
+    assert tok.fingerprint == load_tokenizer(BUNDLED_MODEL).fingerprint
