@@ -128,7 +128,8 @@ def _whiten_worker(rank, world, x, mask):
     import torch.distributed as dist
 
     rows = [[0, 1], [2, 3, 4]][rank]  # uneven split of the batch
-    return masked_whiten(x[rows], mask[rows], dist.group.WORLD)
+    # numpy pickles by value: a torch tensor would travel as a shared-memory handle that dies with this process
+    return masked_whiten(x[rows], mask[rows], dist.group.WORLD).numpy()
 
 
 @pytest.mark.timeout(120)
@@ -136,7 +137,8 @@ def test_whitening_over_dp_equals_one_process():
     rewards, values, mask = random_batch(seed=7)
     x = gae(rewards, values, mask, 1.0, 0.95)
     parts = run_distributed(_whiten_worker, 2, x, mask)
-    torch.testing.assert_close(torch.cat(parts), masked_whiten(x, mask), rtol=1e-12, atol=1e-12)
+    got = torch.cat([torch.from_numpy(p) for p in parts])
+    torch.testing.assert_close(got, masked_whiten(x, mask), rtol=1e-12, atol=1e-12)
 
 
 def test_bad_shapes_are_named():
