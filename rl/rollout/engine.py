@@ -1,0 +1,359 @@
+"""In-process rollout engine: batched KV-cache generation on the training model (colocated).
+
+The engine runs the model being trained, on its own parallel groups, so no weights are
+copied. One ``generate`` call:
+
+1. expands every prompt into ``n`` rows (samples), each with its own seeded generator
+   (see :mod:`rl.rollout.sampling`), and sorts rows by prompt length;
+2. splits the rows into chunks whose KV cache fits ``rollout.kv_cache_budget_mb``
+   (policy + critic caches, ``2 * layers * kv_heads * (P + max_new) * head_dim`` floats a
+   row), so a batch that does not fit is generated in several chunks instead of crashing;
+3. per chunk: one prefill of the left-padded prompts (positions restart at 0 at each
+   prompt's first real token; ``valid_BL`` hides the padding), then one decode step per
+   token. A row ends at a stop token (``"stop"``, the stop token is part of the response)
+   or after ``max_new_tokens`` (``"length"``); finished rows leave the batch at once and
+   the cache is compacted with ``KVCache.select``, so later steps only compute live rows;
+4. returns a :class:`~rl.rollout.outputs.RolloutBatch` with tokens, behaviour log-probs,
+   masks, finish reasons and (with a critic) values, rows in prompt order.
+
+Parallel layouts (all dp ranks generate their own prompts, see :func:`local_prompts`):
+
+* tp: every tp rank holds the same rows; logits stay vocab-sharded and sampling needs no
+  gather except for top-k / top-p. Sequence parallel is switched off while generating
+  (decode steps have ``S = 1``, which cannot be split over tp): the math is the same,
+  activations are simply replicated over tp instead of sharded. Prefills are left-padded
+  to a multiple of tp so the MoE layer can still split their tokens over tp.
+* ep (and etp): the token dispatcher's all-to-alls need every rank of the expert group
+  in every forward, yet ranks finish their own prompts at different times. Each
+  iteration every rank runs exactly one forward (a prefill, a decode step, or a one-token
+  dummy once its own work is done) and an all-reduce (MAX) of a "still working" flag
+  over the world decides whether anyone needs another iteration.
+* pp: a stage-by-stage loop written here (the pipeline schedules have no KV cache):
+  each forward passes the activations ``[b, S, H]`` stage to stage with send/recv, the
+  last stage samples, and broadcasts the tokens, log-probs and values over the pp group,
+  so every stage keeps the same bookkeeping. One micro-batch is in flight, so stages idle
+  while others compute (no micro-batch interleaving yet). ``virtual_pp`` must be 1.
+
+Critic values ride in the same structure: the critic has its own cache and runs the same
+forwards on the same inputs; its output at the last input position is the value of the
+state that the next sampled token is drawn from.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Iterator, Optional, Sequence, Union
+
+import torch
+import torch.distributed as dist
+
+from megatron_seed.config import ConfigError, RolloutConfig
+from megatron_seed.model.attention import KVCache
+from megatron_seed.model.gpt import GPTModel
+from megatron_seed.parallel.state import ParallelState
+from rl.rollout.outputs import FINISH_LENGTH, FINISH_STOP, RolloutBatch, assemble
+from rl.rollout.sampling import SamplingParams, row_generators, row_seed, sample
+
+ModelArg = Union[GPTModel, Sequence[GPTModel]]
+
+
+def local_prompts(prompts: Sequence, ps: ParallelState) -> list:
+    """This dp rank's share of a global prompt list (round robin), so dp ranks never repeat work."""
+    return list(prompts[ps.dp_rank::ps.dp_size])
+
+
+def _one_chunk(model: Optional[ModelArg], what: str) -> Optional[GPTModel]:
+    if model is None or isinstance(model, GPTModel):
+        return model
+    chunks = list(model)
+    if len(chunks) != 1:
+        raise ConfigError(f"rollout: the {what} has {len(chunks)} model chunks on this rank; generation needs parallel.virtual_pp=1")
+    return chunks[0]
+
+
+@contextlib.contextmanager
+def inference_mode(models: Sequence[GPTModel], ps: ParallelState) -> Iterator[None]:
+    """No gradients, eval mode (routers do not count load for bias balancing), sequence parallel off."""
+    training = [m.training for m in models]
+    sequence_parallel = ps.sequence_parallel
+    ps.sequence_parallel = False
+    for m in models:
+        m.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        ps.sequence_parallel = sequence_parallel
+        for m, t in zip(models, training):
+            m.train(t)
+
+
+def kv_bytes_per_slot(model: GPTModel) -> int:
+    """Bytes one cache slot of one row takes on this rank: k and v of every local layer + the valid flag."""
+    attn = next(iter(model.layers.values())).self_attn
+    element = next(model.parameters()).element_size()
+    return 2 * len(model.layer_ids) * attn.num_kv_heads * attn.head_dim * element + 1
+
+
+@dataclass
+class _Chunk:
+    """Rows generated together: one prefill, then decode steps until every row has ended."""
+
+    rows: list  # global row ids still running, in batch order
+    prompts: list  # their prompt ids
+    width: int  # prefill columns (longest prompt, rounded up to a multiple of tp)
+    generators: list = field(default_factory=list)
+    cache: Optional[KVCache] = None
+    critic_cache: Optional[KVCache] = None
+    steps: int = 0  # tokens generated so far by every running row
+    prompt_lens_B: Optional[torch.Tensor] = None
+    next_ids_B: Optional[torch.Tensor] = None
+
+
+@dataclass
+class _Results:
+    tokens: dict = field(default_factory=dict)
+    log_probs: dict = field(default_factory=dict)
+    values: dict = field(default_factory=dict)
+    finish: dict = field(default_factory=dict)
+
+    def add(self, row: int, token: int, log_prob: float, value: float) -> None:
+        self.tokens.setdefault(row, []).append(token)
+        self.log_probs.setdefault(row, []).append(log_prob)
+        self.values.setdefault(row, []).append(value)
+
+
+class RolloutEngine:
+    """Generates with ``policy`` (and optionally scores with ``critic``) on their parallel groups.
+
+    ``policy`` / ``critic``: this rank's model (or its one-element chunk list); the critic
+    must have ``value_head=True`` and the same layout. ``stop_ids``: tokens that end a
+    response (eos, end of turn); with a ``tokenizer`` they default to its chat template's.
+    ``seed`` seeds the engine's generator: the same seed, prompts and weights give the
+    same rollouts, whatever the chunking.
+    """
+
+    def __init__(
+        self,
+        policy: ModelArg,
+        ps: ParallelState,
+        cfg: Optional[RolloutConfig] = None,
+        *,
+        stop_ids: Optional[Sequence[int]] = None,
+        pad_id: Optional[int] = None,
+        seed: int = 0,
+        critic: Optional[ModelArg] = None,
+        tokenizer=None,
+    ):
+        self.policy, self.critic = _one_chunk(policy, "policy"), _one_chunk(critic, "critic")
+        self.ps, self.cfg, self.tokenizer = ps, cfg or RolloutConfig(), tokenizer
+        if self.policy.post_process and self.policy.value_head is not None:
+            raise ConfigError("rollout: the policy model has a value head; pass it as critic= and give an LM as policy")
+        if self.critic is not None and self.critic.post_process and self.critic.value_head is None:
+            raise ConfigError("rollout: the critic needs model.value_head=true")
+        if stop_ids is None and tokenizer is not None:
+            from data.chat import ChatTemplate
+
+            stop_ids = ChatTemplate(tokenizer).stop_ids
+        if stop_ids is None:
+            raise ConfigError("rollout: no stop tokens; pass stop_ids=[eos, end_of_turn] or a tokenizer")
+        self.stop_ids = torch.tensor(sorted(set(int(i) for i in stop_ids)), dtype=torch.long)
+        self.pad_id = int(pad_id if pad_id is not None else (tokenizer.pad_id if tokenizer is not None else self.stop_ids[0]))
+        self.generator = torch.Generator().manual_seed(seed)
+        self.device = next(self.policy.parameters()).device
+        self.lockstep = ps.ep_size * ps.etp_size > 1 and dist.is_initialized()
+        self.models = [m for m in (self.policy, self.critic) if m is not None]
+
+    # ------------------------------------------------------------------ public API
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        n: Optional[int] = None,
+        sampling: Optional[SamplingParams] = None,
+        max_new_tokens: Optional[int] = None,
+    ) -> RolloutBatch:
+        """``n`` (default ``rollout.samples_per_prompt``) continuations of every prompt (token ids)."""
+        n = self.cfg.samples_per_prompt if n is None else n
+        params = sampling or SamplingParams.from_config(self.cfg)
+        max_new = self.cfg.max_new_tokens if max_new_tokens is None else max_new_tokens
+        if n < 1 or max_new < 1:
+            raise ConfigError(f"rollout: n={n} and max_new_tokens={max_new} must both be >= 1")
+        prompts = [self._check_prompt(i, p) for i, p in enumerate(prompts)]
+        row_prompts = [prompts[r // n] for r in range(len(prompts) * n)]
+        base = int(torch.randint(0, 2**62, (1,), generator=self.generator))
+        seeds = [row_seed(base, self.ps.dp_rank, r) for r in range(len(row_prompts))]
+        results = _Results()
+        with inference_mode(self.models, self.ps):
+            chunks = deque(self._plan_chunks(row_prompts, max_new))
+            active: Optional[_Chunk] = None
+            while self._anyone_working(active is not None or bool(chunks)):
+                if active is None and chunks:
+                    active = chunks.popleft()
+                    active.generators = row_generators([seeds[r] for r in active.rows]) if not params.greedy else []
+                    outputs = self._prefill(active, max_new)
+                elif active is not None:
+                    outputs = self._decode(active)
+                else:
+                    self._dummy_forward()
+                    continue
+                if self._record(active, outputs, params, max_new, results):
+                    active = None
+        rows = range(len(row_prompts))
+        return assemble(
+            row_prompts,
+            [results.tokens[r] for r in rows],
+            [results.log_probs[r] for r in rows],
+            [results.values[r] for r in rows] if self.critic is not None else None,
+            [results.finish[r] for r in rows],
+            [r // n for r in rows],
+            self.pad_id,
+        )
+
+    def generate_text(self, prompts: Sequence[str], max_new_tokens: Optional[int] = None, sampling: Optional[SamplingParams] = None) -> list:
+        """Replies to single-turn user messages, rendered with the chat template; greedy unless ``sampling`` says otherwise.
+
+        For using the policy as a judge (LLM verifier): one reply per prompt, stop token removed.
+        """
+        if self.tokenizer is None:
+            raise ConfigError("rollout: generate_text needs the engine built with tokenizer=...")
+        from data.chat import ChatTemplate
+
+        template = ChatTemplate(self.tokenizer)
+        ids = [template.render_prompt([{"role": "user", "content": p}]) for p in prompts]
+        batch = self.generate(ids, n=1, sampling=sampling or SamplingParams(temperature=0.0), max_new_tokens=max_new_tokens)
+        stops = set(self.stop_ids.tolist())
+        out = []
+        for reply, reason in zip(batch.responses(), batch.finish_reasons):
+            out.append(self.tokenizer.decode(reply[:-1] if reason == FINISH_STOP and reply and reply[-1] in stops else reply))
+        return out
+
+    # ------------------------------------------------------------------ planning
+    def _check_prompt(self, i: int, prompt: Sequence[int]) -> list:
+        ids = [int(t) for t in prompt]
+        if not ids:
+            raise ValueError(f"rollout: prompt {i} is empty; every prompt needs at least one token (e.g. BOS)")
+        vocab = self.policy.cfg.vocab_size
+        if min(ids) < 0 or max(ids) >= vocab:
+            raise ValueError(f"rollout: prompt {i} has token ids outside [0, {vocab}); was it tokenized with another vocabulary?")
+        return ids
+
+    def _plan_chunks(self, row_prompts: list, max_new: int) -> list:
+        """Rows sorted by prompt length, cut into chunks whose caches fit the budget."""
+        per_slot = sum(kv_bytes_per_slot(m) for m in self.models)
+        budget = int(self.cfg.kv_cache_budget_mb * 2**20)
+        tp = self.ps.tp_size
+        order = sorted(range(len(row_prompts)), key=lambda r: len(row_prompts[r]))
+        chunks, current = [], []
+        for r in order:
+            width = -(-len(row_prompts[r]) // tp) * tp  # sorted: the newest row is the longest
+            per_row = per_slot * (width + max_new)
+            if per_row > budget:
+                raise ConfigError(
+                    f"rollout.kv_cache_budget_mb={self.cfg.kv_cache_budget_mb} cannot hold one sequence of "
+                    f"{len(row_prompts[r])} prompt + {max_new} new tokens ({per_row / 2**20:.2f} MB on this rank); "
+                    "fix: raise kv_cache_budget_mb, lower max_new_tokens or shorten the prompts"
+                )
+            if current and (len(current) + 1) * per_row > budget:
+                chunks.append(self._new_chunk(current, row_prompts))
+                current = []
+            current.append(r)
+        if current:
+            chunks.append(self._new_chunk(current, row_prompts))
+        return chunks
+
+    def _new_chunk(self, rows: list, row_prompts: list) -> _Chunk:
+        longest = max(len(row_prompts[r]) for r in rows)
+        tp = self.ps.tp_size
+        return _Chunk(rows=list(rows), prompts=[row_prompts[r] for r in rows], width=-(-longest // tp) * tp)
+
+    # ------------------------------------------------------------------ the loop
+    def _anyone_working(self, mine: bool) -> bool:
+        if not self.lockstep:
+            return mine
+        flag = torch.tensor([1.0 if mine else 0.0])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def _prefill(self, chunk: _Chunk, max_new: int) -> tuple:
+        B, P = len(chunk.rows), chunk.width
+        ids_BS = torch.full((B, P), self.pad_id, dtype=torch.long)
+        mask_BS = torch.zeros(B, P, dtype=torch.bool)
+        for b, p in enumerate(chunk.prompts):
+            ids_BS[b, P - len(p):] = torch.as_tensor(p)
+            mask_BS[b, P - len(p):] = True
+        pos_BS = (mask_BS.long().cumsum(1) - 1).clamp(min=0)
+        chunk.prompt_lens_B = mask_BS.sum(1)
+        padding = None if bool(mask_BS.all()) else mask_BS.to(self.device)
+        chunk.cache = self.policy.allocate_kv_cache(B, P + max_new)
+        chunk.critic_cache = self.critic.allocate_kv_cache(B, P + max_new) if self.critic is not None else None
+        return self._forward_all(ids_BS.to(self.device), pos_BS.to(self.device), padding, chunk)
+
+    def _decode(self, chunk: _Chunk) -> tuple:
+        pos_BS = (chunk.prompt_lens_B + chunk.steps - 1).unsqueeze(1).to(self.device)
+        return self._forward_all(chunk.next_ids_B.unsqueeze(1).to(self.device), pos_BS, None, chunk)
+
+    def _dummy_forward(self) -> None:
+        """A one-token forward without cache: keeps expert-parallel collectives matched."""
+        ids = torch.full((1, 1), self.pad_id, dtype=torch.long, device=self.device)
+        for model in self.models:
+            self._forward(model, ids, None, None, None)
+
+    def _forward_all(self, ids_BS, pos_BS, padding_BS, chunk: _Chunk) -> tuple:
+        """Last-position logits ``[b, V/tp]`` and values ``[b]`` (None off the last stage / without critic)."""
+        logits = self._forward(self.policy, ids_BS, pos_BS, padding_BS, chunk.cache)
+        values = self._forward(self.critic, ids_BS, pos_BS, padding_BS, chunk.critic_cache) if self.critic is not None else None
+        return (logits[:, -1] if logits is not None else None), (values[:, -1] if values is not None else None)
+
+    def _forward(self, model: GPTModel, ids_BS, pos_BS, padding_BS, cache) -> Optional[torch.Tensor]:
+        """One forward through every pipeline stage; the output on the last stage, else None."""
+        ps = self.ps
+        kwargs = dict(position_ids_BS=pos_BS, padding_mask_BS=padding_BS, kv_cache=cache)
+        if model.pre_process:
+            out = model(ids_BS, **kwargs)
+        else:
+            hidden = torch.empty(*ids_BS.shape, model.cfg.hidden_size, dtype=next(model.parameters()).dtype, device=self.device)
+            dist.recv(hidden, src=ps.global_rank("pp", ps.pp_rank - 1), group=ps.group("pp"))
+            out = model(hidden_BSH=hidden, **kwargs)
+        if model.post_process:
+            return out
+        dist.send(out.contiguous(), dst=ps.global_rank("pp", ps.pp_rank + 1), group=ps.group("pp"))
+        return None
+
+    def _record(self, chunk: _Chunk, outputs: tuple, params: SamplingParams, max_new: int, results: _Results) -> bool:
+        """Sample from ``outputs`` (logits, values), store the tokens, drop ended rows; True when the chunk is done."""
+        logits_BV, values_B = outputs
+        B = len(chunk.rows)
+        packet = torch.zeros(3, B, dtype=torch.float64)
+        if self.policy.post_process:
+            tokens_B, log_probs_B = sample(logits_BV, params, chunk.generators, self.ps)
+            packet[0], packet[1] = tokens_B.double(), log_probs_B.double()
+            if values_B is not None:
+                packet[2] = values_B.double()
+        if self.ps.pp_size > 1:
+            dist.broadcast(packet, src=self.ps.global_rank("pp", self.ps.pp_size - 1), group=self.ps.group("pp"))
+        tokens_B = packet[0].long()
+        chunk.steps += 1
+        for row, token, log_prob, value in zip(chunk.rows, *packet.tolist()):
+            results.add(row, int(token), log_prob, value)
+        stopped_B = torch.isin(tokens_B, self.stop_ids)
+        if chunk.steps >= max_new:
+            for b, row in enumerate(chunk.rows):
+                results.finish[row] = FINISH_STOP if stopped_B[b] else FINISH_LENGTH
+            return True
+        for b in stopped_B.nonzero().flatten().tolist():
+            results.finish[chunk.rows[b]] = FINISH_STOP
+        if bool(stopped_B.all()):
+            return True
+        if bool(stopped_B.any()):
+            keep = (~stopped_B).nonzero().flatten()
+            keep_list = keep.tolist()
+            chunk.cache.select(keep.to(self.device))
+            if chunk.critic_cache is not None:
+                chunk.critic_cache.select(keep.to(self.device))
+            chunk.rows = [chunk.rows[i] for i in keep_list]
+            chunk.generators = [chunk.generators[i] for i in keep_list] if chunk.generators else []
+            chunk.prompt_lens_B = chunk.prompt_lens_B[keep]
+            tokens_B = tokens_B[keep]
+        chunk.next_ids_B = tokens_B
+        return False
