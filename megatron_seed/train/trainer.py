@@ -106,12 +106,7 @@ class Trainer:
         microbatches = split_microbatches(batch, self.cfg.train.micro_batch_size)
         tokens = self.global_sum(batch["loss_mask_BS"].sum())
         normaliser = max(1.0, tokens.item())
-        for m in self.chunks:
-            m.train()
-            m.set_aux_loss_scale(1.0 / (len(microbatches) * self.ps.dp_size))
-        self.optimizer.zero_grad()
-        with autocast_context(self.cfg.train.dtype):
-            stats = forward_backward(self.chunks, microbatches, loss_fn_factory(self.ps, normaliser), self.ps, self.cfg.parallel.pp_schedule)
+        stats = self.forward_backward(microbatches, loss_fn_factory(self.ps, normaliser))
         nll = torch.stack([s["nll_sum"] for s in stats]).sum() if stats else torch.zeros(())
         # the loss lives on the last pipeline stage; share it so every rank can stop together
         loss = self.global_sum(nll, "dp_cp")
@@ -120,11 +115,30 @@ class Trainer:
         loss = loss.item() / normaliser
         if not math.isfinite(loss):
             raise NonFiniteLossError(f"loss is {loss} at step {self.step}")
+        grad_norm, lr = self.optimizer_step()
+        return {"loss": loss, "grad_norm": grad_norm, "lr": lr, "tokens": normaliser, **self.moe_stats()}
+
+    def forward_backward(self, microbatches: list, loss_fn: Callable) -> list:
+        """Zero the gradients, then accumulate those of ``loss_fn`` over ``microbatches`` (no update).
+
+        ``loss_fn(output, microbatch) -> (loss, stats)`` must return each micro-batch's
+        share of the global loss (RL builds its own, see ``rl/ppo.py``). Returns the
+        stats of the last pipeline stage.
+        """
+        for m in self.chunks:
+            m.train()
+            m.set_aux_loss_scale(1.0 / (len(microbatches) * self.ps.dp_size))
+        self.optimizer.zero_grad()
+        with autocast_context(self.cfg.train.dtype):
+            return forward_backward(self.chunks, microbatches, loss_fn, self.ps, self.cfg.parallel.pp_schedule)
+
+    def optimizer_step(self) -> tuple:
+        """Reduce, clip and apply the accumulated gradients; returns ``(grad_norm, lr)``."""
         lr = self.lr()
         grad_norm = self.optimizer.step(lr)
         self.step += 1
         self.consumed_samples += self.cfg.train.global_batch_size
-        return {"loss": loss, "grad_norm": grad_norm, "lr": lr, "tokens": normaliser, **self.moe_stats()}
+        return grad_norm, lr
 
     def moe_stats(self) -> dict:
         layers = [m for c in self.chunks for m in c.moe_layers()]

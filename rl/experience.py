@@ -1,0 +1,163 @@
+"""Rollouts in training layout: the dict of ``[B, ...]`` tensors the PPO and value steps consume.
+
+A rollout row holds ``tokens[0:S+1]`` (prompt then response, padded). Training
+predicts the next token, so every per-token tensor is shifted once::
+
+    input_ids_BS   = tokens[:, :-1]        labels_BS     = tokens[:, 1:]
+    mask_BS        = response_mask[:, 1:]  (True where labels_BS[b, s] is a sampled token)
+    old_logprobs_BS= log pi_old(labels_BS[b, s] | tokens[b, :s+1])
+
+so position ``s`` holds the action ``labels_BS[:, s]``, the log-prob the actor computes
+from its logits at ``s`` and the value ``V(state before the action)`` the critic outputs
+at ``s``: advantages, returns, log-probs and values are all aligned on ``[B, S]``.
+``position_ids_BS`` and ``padding_mask_BS`` (True = real token) let left-padded prompts
+be trained exactly as they were sampled. Per-row keys: ``rewards_B`` (float),
+``correct_B`` and ``truncated_B`` (bool).
+
+Every value is a tensor with the batch first, so the trainer's ``split_microbatches``
+cuts it into micro-batches as is.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+REQUIRED_KEYS = ("input_ids_BS", "labels_BS", "position_ids_BS", "padding_mask_BS", "mask_BS", "rewards_B", "correct_B", "truncated_B")
+
+
+def _shifted(tokens_BS: torch.Tensor, attention_BS: torch.Tensor, positions_BS: torch.Tensor, response_BS: torch.Tensor) -> dict:
+    return {
+        "input_ids_BS": tokens_BS[:, :-1].long(),
+        "labels_BS": tokens_BS[:, 1:].long(),
+        "position_ids_BS": positions_BS[:, :-1].long(),
+        "padding_mask_BS": attention_BS[:, :-1].bool(),
+        "mask_BS": response_BS[:, 1:].bool(),
+    }
+
+
+def _row_facts(exp: dict, rewards: Sequence[float], correct: Sequence[bool], truncated: Sequence[bool]) -> dict:
+    B = exp["input_ids_BS"].shape[0]
+    for name, values in (("rewards", rewards), ("correct", correct), ("truncated", truncated)):
+        if len(values) != B:
+            raise ValueError(f"{len(values)} {name} for {B} rollout rows; give one per row")
+    empty = torch.nonzero(exp["mask_BS"].sum(dim=1) == 0).flatten().tolist()
+    if empty:
+        raise ValueError(f"rows {empty} have no response token to train on; drop them before building the batch")
+    exp["rewards_B"] = torch.as_tensor([float(r) for r in rewards], dtype=torch.float32)
+    exp["correct_B"] = torch.as_tensor([bool(c) for c in correct], dtype=torch.bool)
+    exp["truncated_B"] = torch.as_tensor([bool(t) for t in truncated], dtype=torch.bool)
+    return exp
+
+
+def from_rollout(rollout, rewards: Sequence[float], correct: Sequence[bool]) -> dict:
+    """Training layout of an :class:`rl.rollout.outputs.RolloutBatch` and its scores.
+
+    Keeps the engine's behaviour log-probs as ``old_logprobs_BS`` (the PPO step may
+    recompute them) and its values as ``old_values_BS`` when it ran a critic;
+    ``truncated_B`` comes from the finish reasons (cut off by ``max_new_tokens``).
+    """
+    exp = _shifted(rollout.tokens_BS, rollout.attention_mask_BS, rollout.position_ids_BS, rollout.response_mask_BS)
+    exp["old_logprobs_BS"] = rollout.log_probs_BS[:, 1:].float()
+    if rollout.values_BS is not None:
+        # the engine stores V(state before token s) at s; training keeps it with the action at s - 1
+        exp["old_values_BS"] = rollout.values_BS[:, 1:].float()
+    return _row_facts(exp, rewards, correct, rollout.truncated_B.tolist())
+
+
+def from_sequences(
+    prompts: Sequence[Sequence[int]],
+    responses: Sequence[Sequence[int]],
+    rewards: Sequence[float],
+    correct: Optional[Sequence[bool]] = None,
+    truncated: Optional[Sequence[bool]] = None,
+    pad_id: int = 0,
+) -> dict:
+    """Training layout of plain token lists: each row is ``prompt + response``, right-padded.
+
+    For samplers other than the rollout engine (tests, offline data). ``correct``
+    defaults to ``reward > 0``, ``truncated`` to all False.
+    """
+    if len(prompts) != len(responses):
+        raise ValueError(f"{len(prompts)} prompts for {len(responses)} responses; give one prompt per response row")
+    for b, p in enumerate(prompts):
+        if len(p) == 0:
+            raise ValueError(f"row {b}: empty prompt; the first response token needs a context to be predicted from")
+    B = len(prompts)
+    width = max(len(p) + len(r) for p, r in zip(prompts, responses))
+    tokens = torch.full((B, width), pad_id, dtype=torch.long)
+    attention = torch.zeros(B, width, dtype=torch.bool)
+    response = torch.zeros(B, width, dtype=torch.bool)
+    for b, (p, r) in enumerate(zip(prompts, responses)):
+        n = len(p) + len(r)
+        tokens[b, :n] = torch.as_tensor(list(p) + list(r), dtype=torch.long)
+        attention[b, :n] = True
+        response[b, len(p):n] = True
+    positions = torch.arange(width).expand(B, width)
+    exp = _shifted(tokens, attention, positions, response)
+    correct = correct if correct is not None else [r > 0 for r in rewards]
+    truncated = truncated if truncated is not None else [False] * B
+    return _row_facts(exp, rewards, correct, truncated)
+
+
+def num_rows(exp: dict) -> int:
+    return exp["input_ids_BS"].shape[0]
+
+
+def select_rows(exp: dict, index: torch.Tensor) -> dict:
+    """The rows ``index`` (a slice-able index or a LongTensor) of every tensor."""
+    return {k: v[index] for k, v in exp.items()}
+
+
+def check_experience(exp: dict) -> None:
+    """Every required key present and every tensor with the same number of rows."""
+    missing = [k for k in REQUIRED_KEYS if k not in exp]
+    if missing:
+        raise ValueError(f"experience batch lacks {missing}; build it with rl.experience.from_rollout or from_sequences")
+    B = num_rows(exp)
+    bad = {k: tuple(v.shape) for k, v in exp.items() if v.shape[0] != B}
+    if bad:
+        raise ValueError(f"experience tensors disagree on the number of rows ({B}): {bad}")
+
+
+def pad_columns(exp: dict, multiple: int) -> dict:
+    """Right-pad every ``_BS`` tensor so ``S`` is a multiple of ``multiple`` (tensor-parallel MoE and
+    sequence parallel split the sequence over tp). Padding is masked out and never trained on."""
+    S = exp["input_ids_BS"].shape[1]
+    extra = -S % multiple
+    if extra == 0:
+        return dict(exp)
+    out = {}
+    for key, value in exp.items():
+        if key.endswith("_BS"):
+            fill = value[:, -1:] + torch.arange(1, extra + 1) if key == "position_ids_BS" else torch.zeros(
+                (value.shape[0], extra), dtype=value.dtype)
+            value = torch.cat([value, fill.to(value.dtype)], dim=1)
+        out[key] = value
+    return out
+
+
+def split_mini_batches(exp: dict, mini_batches: int) -> list:
+    """``mini_batches`` consecutive, equal row ranges of ``exp`` (one optimizer step each)."""
+    B = num_rows(exp)
+    if mini_batches < 1 or B % mini_batches:
+        raise ValueError(f"{B} rows cannot be cut into rl.mini_batches={mini_batches} equal mini-batches; "
+                         f"fix: make the rows per step (prompts x samples / dp) a multiple of rl.mini_batches")
+    size = B // mini_batches
+    return [select_rows(exp, slice(i * size, (i + 1) * size)) for i in range(mini_batches)]
+
+
+def dp_shard(exp: dict, dp_rank: int, dp_size: int, mini_batches: int = 1) -> dict:
+    """This data-parallel rank's rows of a global batch, so that mini-batch ``i`` of the
+    shards together is exactly mini-batch ``i`` of the global batch.
+
+    Each global mini-batch (``B / mini_batches`` consecutive rows) is cut into
+    ``dp_size`` consecutive parts; rank ``r`` takes part ``r`` of every mini-batch.
+    """
+    B = num_rows(exp)
+    if B % (mini_batches * dp_size):
+        raise ValueError(f"{B} rollout rows cannot be split into {mini_batches} mini-batches x dp={dp_size}; "
+                         f"fix: make prompts_per_step x samples_per_prompt a multiple of {mini_batches * dp_size}")
+    part = B // (mini_batches * dp_size)
+    index = torch.cat([torch.arange(part) + (i * dp_size + dp_rank) * part for i in range(mini_batches)])
+    return select_rows(exp, index)

@@ -1,0 +1,246 @@
+"""The PPO step of the Seed1.5-Thinking recipe on the parallel trainer.
+
+One :meth:`PPOTrainer.step` on a rollout batch in training layout (:mod:`rl.experience`),
+this rank's share of the global batch (:func:`rl.experience.dp_shard`):
+
+1. forward-only passes fill what the rollout did not bring: behaviour log-probs
+   ``old_logprobs_BS`` (from the actor, when absent or ``recompute_logprobs``),
+   ``old_values_BS`` (critic) and ``ref_logprobs_BS`` (reference policy, for the KL term);
+2. the terminal reward of each row goes on its last response token and
+   :func:`rl.advantage.compute_advantages` gives decoupled, length-adaptive GAE
+   advantages (whitened over the global batch) and value targets;
+3. ``rl.ppo_epochs`` passes over ``rl.mini_batches`` mini-batches, each one optimizer
+   step of the actor (:func:`rl.losses.actor_loss`: clip-higher PPO + mu * positive-example
+   NLL + optional KL / entropy terms) and one of the critic (clipped value loss).
+
+Both models run on the same :class:`~megatron_seed.parallel.state.ParallelState`, each in
+its own :class:`~megatron_seed.train.trainer.Trainer` (optimizer, learning rate). Each
+optimizer step computes its loss normaliser once, over the step's micro-batches and
+the data-parallel group (:func:`rl.losses.compute_normalizer`), so micro-batched,
+data-parallel gradients equal those of one process on the whole mini-batch.
+Log-probs and entropies are computed vocab-parallel from the local logit shard.
+
+Under pipeline parallelism the losses, advantages and metrics live on the last stage;
+the other stages only carry activations (their metrics dict is empty).
+"""
+from __future__ import annotations
+
+import copy
+from typing import Callable, Optional
+
+import torch
+
+from megatron_seed.config import Config, ConfigError, RLConfig
+from megatron_seed.parallel.mappings import all_reduce_no_grad
+from megatron_seed.parallel.pipeline import forward_backward
+from megatron_seed.parallel.state import ParallelState
+from megatron_seed.parallel.tensor_parallel import vocab_parallel_entropy, vocab_parallel_log_probs
+from megatron_seed.train.trainer import Trainer, autocast_context, split_microbatches
+from rl.advantage import compute_advantages, place_terminal_reward
+from rl.experience import check_experience, pad_columns, split_mini_batches
+from rl.losses import LossNormalizer, actor_loss, compute_normalizer, explained_variance, reduce_metrics, value_loss
+
+
+def rl_trainer_config(cfg: Config, role: str, rows_per_update: int) -> Config:
+    """The trainer config of the ``actor`` or the ``critic`` for one RL run.
+
+    A constant learning rate (``rl.actor_lr`` / ``rl.critic_lr``, no warm-up or decay:
+    the RL step count is not the pretraining one), ``train.global_batch_size`` =
+    ``rows_per_update`` (the rows of one optimizer step, over all dp ranks), and for the
+    critic the same GPT-MoE with ``model.value_head=true``.
+    """
+    if role not in ("actor", "critic"):
+        raise ValueError(f"role={role!r}: must be 'actor' or 'critic'")
+    out = copy.deepcopy(cfg)
+    lr = cfg.rl.actor_lr if role == "actor" else cfg.rl.critic_lr
+    if lr <= 0:
+        raise ConfigError(f"rl.{role}_lr={lr}: must be > 0")
+    out.train.lr = out.train.min_lr = lr
+    out.train.warmup_steps = 0
+    out.train.global_batch_size = rows_per_update
+    out.train.micro_batch_size = min(cfg.train.micro_batch_size, rows_per_update)
+    out.model.value_head = role == "critic"
+    return out
+
+
+@torch.no_grad()
+def init_critic_from_actor(critic: Trainer, actor: Trainer) -> None:
+    """Copy every actor weight the critic has (all but the LM head), then sync the critic's optimizer.
+
+    The critic starts from the policy's representation (Seed initialises it from the
+    SFT / reward model); its value head keeps its own initialisation. Both trainers
+    must share the parallel layout.
+    """
+    for a, c in zip(actor.chunks, critic.chunks):
+        source = a.state_dict()
+        for name, tensor in c.state_dict().items():
+            if name in source and not name.startswith("value_head."):
+                if source[name].shape != tensor.shape:
+                    raise ValueError(f"critic weight {name} has shape {tuple(tensor.shape)} but the actor's is "
+                                     f"{tuple(source[name].shape)}; build both from the same model and parallel config")
+                tensor.copy_(source[name])
+    critic.optimizer.sync_master_from_params()
+
+
+def forward_only(trainer_or_chunks, microbatches: list, ps: ParallelState, fn: Callable, schedule: str = "1f1b",
+                 dtype: str = "auto") -> list:
+    """``fn(output, microbatch)`` for every micro-batch, without gradients (last stage; ``[]`` elsewhere)."""
+    chunks = trainer_or_chunks.chunks if isinstance(trainer_or_chunks, Trainer) else trainer_or_chunks
+    for m in chunks:
+        m.eval()
+
+    def loss_fn(output: torch.Tensor, mb: dict) -> tuple:
+        return torch.zeros(()), fn(output, mb)
+
+    with torch.no_grad(), autocast_context(dtype):
+        return forward_backward(chunks, microbatches, loss_fn, ps, schedule, forward_only=True)
+
+
+def _concat(parts: list) -> Optional[torch.Tensor]:
+    return torch.cat(parts, dim=0) if parts else None
+
+
+def actor_loss_fn(ps: ParallelState, cfg: RLConfig, norm: LossNormalizer) -> Callable:
+    """The loss of one actor micro-batch: :func:`rl.losses.actor_loss` on vocab-parallel log-probs."""
+
+    def loss_fn(logits_BSV: torch.Tensor, mb: dict) -> tuple:
+        logprobs_BS = vocab_parallel_log_probs(logits_BSV, mb["labels_BS"], ps)
+        # the entropy is a metric unless it is in the objective: no graph for it then
+        with torch.set_grad_enabled(torch.is_grad_enabled() and cfg.entropy_coef > 0):
+            entropy_BS = vocab_parallel_entropy(logits_BSV, ps)
+        return actor_loss(logprobs_BS, mb["old_logprobs_BS"], mb["advantages_BS"], mb["mask_BS"], norm, cfg,
+                          positive_B=mb["correct_B"], ref_logprobs_BS=mb.get("ref_logprobs_BS"), entropy_BS=entropy_BS)
+
+    return loss_fn
+
+
+def critic_loss_fn(norm: LossNormalizer, clip: Optional[float], agg: str) -> Callable:
+    """The loss of one critic micro-batch: :func:`rl.losses.value_loss` to ``returns_BS``."""
+
+    def loss_fn(values_BS: torch.Tensor, mb: dict) -> tuple:
+        return value_loss(values_BS, mb["old_values_BS"], mb["returns_BS"], mb["mask_BS"], norm, clip, agg)
+
+    return loss_fn
+
+
+def _update(trainer: Trainer, batch: dict, loss_fn_of: Callable[[LossNormalizer], Callable], positives: bool) -> dict:
+    """One optimizer step of ``trainer`` on ``batch`` (this rank's rows of one mini-batch)."""
+    ps = trainer.ps
+    microbatches = split_microbatches(batch, trainer.cfg.train.micro_batch_size)
+    norm = compute_normalizer([mb["mask_BS"] for mb in microbatches],
+                              [mb["correct_B"] for mb in microbatches] if positives else None, ps.group("dp"))
+    stats = trainer.forward_backward(microbatches, loss_fn_of(norm))
+    metrics = reduce_metrics(stats, ps.group("dp"))
+    grad_norm, _ = trainer.optimizer_step()
+    metrics["grad_norm"] = grad_norm
+    return metrics
+
+
+def _mean_metrics(updates: list, prefix: str) -> dict:
+    keys = sorted({k for u in updates for k in u})
+    return {f"{prefix}/{k}": sum(u[k] for u in updates if k in u) / sum(k in u for u in updates) for k in keys}
+
+
+class PPOTrainer:
+    """Actor and critic updates for one rollout batch at a time (see the module docstring).
+
+    ``reference``: model chunks of the frozen reference policy (needed when
+    ``rl.kl_coef > 0``). ``recompute_logprobs``: take the behaviour log-probs from the
+    actor's own forward (same kernels as training, so the first ratio is exactly 1)
+    instead of those the rollout engine reported.
+    """
+
+    def __init__(self, actor: Trainer, critic: Trainer, cfg: RLConfig, reference: Optional[list] = None,
+                 recompute_logprobs: bool = False):
+        if actor.ps is not critic.ps:
+            raise ValueError("actor and critic must share one ParallelState (colocated on the same groups)")
+        if not critic.cfg.model.value_head:
+            raise ConfigError("the critic needs model.value_head=true; build its config with rl_trainer_config(cfg, 'critic', ...)")
+        if actor.cfg.model.value_head:
+            raise ConfigError("the actor must be a language model (model.value_head=false)")
+        if cfg.kl_coef > 0 and reference is None:
+            raise ConfigError(f"rl.kl_coef={cfg.kl_coef} needs a reference policy; pass reference=<model chunks> or set rl.kl_coef=0")
+        if cfg.ppo_epochs < 1 or cfg.mini_batches < 1:
+            raise ConfigError(f"rl.ppo_epochs={cfg.ppo_epochs} and rl.mini_batches={cfg.mini_batches} must be >= 1")
+        self.actor, self.critic, self.cfg, self.reference = actor, critic, cfg, reference
+        self.ps = actor.ps
+        self.recompute_logprobs = recompute_logprobs
+        self.updates: list = []  # per optimizer step: {"actor": metrics, "critic": metrics} of the last step() call
+
+    # ------------------------------------------------------------------ forward-only passes
+    def _micro(self, batch: dict, trainer: Trainer) -> list:
+        return split_microbatches(batch, trainer.cfg.train.micro_batch_size)
+
+    def policy_logprobs(self, chunks_or_trainer, batch: dict) -> Optional[torch.Tensor]:
+        """``log pi(labels_BS)`` of the actor (or other policy chunks) ``[B, S]``, micro-batched like the
+        actor's training steps (last stage; None elsewhere)."""
+        t = self.actor.cfg
+        return _concat(forward_only(chunks_or_trainer, self._micro(batch, self.actor), self.ps,
+                                    lambda logits, mb: vocab_parallel_log_probs(logits, mb["labels_BS"], self.ps),
+                                    t.parallel.pp_schedule, t.train.dtype))
+
+    def critic_values(self, batch: dict) -> Optional[torch.Tensor]:
+        """``V`` at every position ``[B, S]`` (last stage; None elsewhere)."""
+        c = self.critic.cfg
+        return _concat(forward_only(self.critic, self._micro(batch, self.critic), self.ps, lambda values, mb: values.float(),
+                                    c.parallel.pp_schedule, c.train.dtype))
+
+    def prepare(self, batch: dict) -> tuple:
+        """Fill old log-probs / values / reference log-probs, then advantages and returns; ``(batch, metrics)``."""
+        check_experience(batch)
+        batch = pad_columns(batch, self.ps.tp_size)
+        if self.recompute_logprobs or "old_logprobs_BS" not in batch:
+            batch["old_logprobs_BS"] = self.policy_logprobs(self.actor, batch)
+        if self.reference is not None:
+            batch["ref_logprobs_BS"] = self.policy_logprobs(self.reference, batch)
+        if "old_values_BS" not in batch:
+            batch["old_values_BS"] = self.critic_values(batch)
+        metrics: dict = {}
+        if self.ps.is_last_stage:
+            mask_BS = batch["mask_BS"]
+            rewards_BS = place_terminal_reward(batch["rewards_B"].to(torch.float32), mask_BS)
+            adv = compute_advantages(rewards_BS, batch["old_values_BS"], mask_BS, self.cfg, batch["truncated_B"], self.ps.group("dp"))
+            batch["advantages_BS"], batch["returns_BS"] = adv.advantages_BS.float(), adv.returns_BS.float()
+            metrics["critic/explained_variance_before"] = explained_variance(batch["old_values_BS"], batch["returns_BS"], mask_BS,
+                                                                             self.ps.group("dp"))
+        else:  # earlier pipeline stages never read them; keep the keys so micro-batches split alike
+            zeros = torch.zeros(batch["mask_BS"].shape)
+            for key in ("old_logprobs_BS", "old_values_BS", "ref_logprobs_BS", "advantages_BS", "returns_BS"):
+                if batch.get(key) is None and (key != "ref_logprobs_BS" or self.reference is not None):
+                    batch[key] = zeros
+        return batch, metrics
+
+    # ------------------------------------------------------------------ updates
+    def actor_update(self, batch: dict) -> dict:
+        return _update(self.actor, batch, lambda norm: actor_loss_fn(self.ps, self.cfg, norm), positives=True)
+
+    def critic_update(self, batch: dict, clip: Optional[float]) -> dict:
+        return _update(self.critic, batch, lambda norm: critic_loss_fn(norm, clip, self.cfg.loss_agg), positives=False)
+
+    def step(self, batch: dict) -> dict:
+        """One PPO step on this rank's rows of a rollout batch; returns metrics (floats).
+
+        ``actor/*`` and ``critic/*`` are averaged over the ``ppo_epochs x mini_batches``
+        optimizer steps (the first step's are in ``self.updates[0]``); rollout metrics
+        (reward, response length, pass rate) are global-batch means.
+        """
+        batch, metrics = self.prepare(batch)
+        metrics.update(rollout_metrics(batch, self.ps))
+        self.updates = []
+        for _ in range(self.cfg.ppo_epochs):
+            for mini in split_mini_batches(batch, self.cfg.mini_batches):
+                self.updates.append({"actor": self.actor_update(mini), "critic": self.critic_update(mini, self.cfg.value_clip)})
+        metrics.update(_mean_metrics([u["actor"] for u in self.updates], "actor"))
+        metrics.update(_mean_metrics([u["critic"] for u in self.updates], "critic"))
+        return metrics
+
+
+def rollout_metrics(batch: dict, ps: ParallelState) -> dict:
+    """Global-batch means of reward, pass rate, response length and the truncated fraction."""
+    lengths = batch["mask_BS"].sum(dim=1).double()
+    sums = torch.stack([torch.tensor(float(lengths.numel()), dtype=torch.float64), batch["rewards_B"].double().sum(),
+                        batch["correct_B"].double().sum(), lengths.sum(), batch["truncated_B"].double().sum()])
+    n, reward, correct, length, truncated = all_reduce_no_grad(sums, ps.group("dp")).tolist()
+    n = max(n, 1.0)
+    return {"rollout/reward_mean": reward / n, "rollout/pass_rate": correct / n, "rollout/response_length": length / n,
+            "rollout/truncated_frac": truncated / n}
