@@ -7,9 +7,11 @@ broken test never hangs waiting on a peer that died.
 """
 from __future__ import annotations
 
+import io
 import os
 import queue
 import socket
+import time
 import traceback
 from datetime import timedelta
 from typing import Any, Callable
@@ -29,13 +31,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _to_bytes(obj: Any) -> bytes:
+    """Serialise a result by value: tensors sent through a Queue travel as shared-memory
+    handles that break when the worker exits first."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
 def _worker(rank: int, world: int, port: int, fn: Callable, args: tuple, results: Any, timeout_s: float) -> None:
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s))
         out = fn(rank, world, *args)
-        results.put((rank, "ok", out))
+        results.put((rank, "ok", _to_bytes(out)))
         dist.barrier()
         dist.destroy_process_group()
     except BaseException:  # report everything, including KeyboardInterrupt, to the parent
@@ -43,7 +53,7 @@ def _worker(rank: int, world: int, port: int, fn: Callable, args: tuple, results
         raise SystemExit(1)
 
 
-def run_distributed(fn: Callable, world: int, *args: Any, timeout_s: float = 240.0) -> list:
+def run_distributed(fn: Callable, world: int, *args: Any, timeout_s: float = 200.0) -> list:
     """Call ``fn(rank, world, *args)`` on ``world`` gloo processes; return results by rank.
 
     ``fn`` must be importable (module level) and return something picklable.
@@ -55,15 +65,22 @@ def run_distributed(fn: Callable, world: int, *args: Any, timeout_s: float = 240
     for p in procs:
         p.start()
     outputs: dict = {}
+    deadline = time.monotonic() + timeout_s
     try:
         while len(outputs) < world:
             try:
-                rank, status, payload = results.get(timeout=timeout_s)
+                rank, status, payload = results.get(timeout=1.0)
             except queue.Empty:
-                raise WorkerError(f"no rank reported within {timeout_s}s; finished ranks: {sorted(outputs)}") from None
+                # a rank that died without reporting (segfault, OOM kill) must not leave us waiting
+                dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0) and r not in outputs]
+                if dead:
+                    raise WorkerError(f"rank {dead[0]} exited with code {procs[dead[0]].exitcode} without reporting") from None
+                if time.monotonic() > deadline:
+                    raise WorkerError(f"no result from ranks {sorted(set(range(world)) - set(outputs))} within {timeout_s}s") from None
+                continue
             if status == "error":
                 raise WorkerError(f"rank {rank} failed:\n{payload}")
-            outputs[rank] = payload
+            outputs[rank] = torch.load(io.BytesIO(payload), weights_only=False)
         for p in procs:
             p.join(timeout=30)
     finally:
