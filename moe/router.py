@@ -103,7 +103,7 @@ class Router(nn.Module):
         self.dtype = getattr(torch, cfg.router_dtype)
         self.weight = nn.Parameter(torch.empty(cfg.num_experts, hidden_size))
         # replicated over tp, but each tp rank routes other tokens when tp > 1: grads all-reduced over tp
-        set_sharding(self.weight, (cfg.num_experts, hidden_size), sequence_parallel=ps.tp_size > 1)
+        set_sharding(self.weight, (cfg.num_experts, hidden_size), partial_tp_grad=ps.tp_size > 1)
         self.balance_bias = cfg.bias_update_rate > 0
         if self.balance_bias:
             self.register_buffer("expert_bias", torch.zeros(cfg.num_experts, dtype=torch.float32))

@@ -6,7 +6,7 @@ query heads, ``K`` local kv heads, ``D`` head dim, ``H`` hidden.
 Tensor parallel: query heads split over tp. kv heads split too when tp divides
 them; when tp exceeds them, each rank keeps the full (replicated) k/v weights and
 computes only the kv head its query heads use (rank r uses kv head r * K_total // tp);
-the replicated weights' gradients are summed over tp by ``tp_shared``.
+the replicated weights are marked ``partial_tp_grad`` so their gradients are summed over tp.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megatron_seed.config import ModelConfig
-from megatron_seed.model.layers import RMSNorm, apply_rotary, tp_shared
+from megatron_seed.model.layers import RMSNorm, apply_rotary
 from megatron_seed.parallel.sharding import set_sharding
 from megatron_seed.parallel.state import ParallelState
 from megatron_seed.parallel.tensor_parallel import ColumnParallelLinear, RowParallelLinear
@@ -104,17 +104,17 @@ class Attention(nn.Module):
             self.k_proj = ColumnParallelLinear(H, cfg.num_kv_heads * D, ps)
             self.v_proj = ColumnParallelLinear(H, cfg.num_kv_heads * D, ps)
         else:
-            self.k_proj = _ReplicatedLinear(H, cfg.num_kv_heads * D)
-            self.v_proj = _ReplicatedLinear(H, cfg.num_kv_heads * D)
+            self.k_proj = _ReplicatedLinear(H, cfg.num_kv_heads * D, partial_tp_grad=tp > 1)
+            self.v_proj = _ReplicatedLinear(H, cfg.num_kv_heads * D, partial_tp_grad=tp > 1)
         self.o_proj = RowParallelLinear(cfg.num_attention_heads * D, H, ps)
-        self.q_norm = RMSNorm(D, cfg.norm_eps, ps, partial_grad=tp > 1) if cfg.qk_norm else None
-        self.k_norm = RMSNorm(D, cfg.norm_eps, ps, partial_grad=tp > 1) if cfg.qk_norm else None
+        self.q_norm = RMSNorm(D, cfg.norm_eps, partial_tp_grad=tp > 1) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(D, cfg.norm_eps, partial_tp_grad=tp > 1) if cfg.qk_norm else None
 
     def _kv(self, proj: nn.Module, x_full: torch.Tensor) -> torch.Tensor:
         if self.kv_sharded:
             return proj(x_full, prepared=True)
         rows = slice(self.kv_index * self.head_dim, (self.kv_index + 1) * self.head_dim)
-        return F.linear(x_full, tp_shared(proj.weight, self.ps, self.ps.tp_size > 1)[rows])
+        return F.linear(x_full, proj.weight[rows])
 
     def forward(
         self,
@@ -150,7 +150,7 @@ class Attention(nn.Module):
 class _ReplicatedLinear(nn.Module):
     """A full weight kept on every tp rank (kv projections when tp > kv heads)."""
 
-    def __init__(self, in_features: int, out_features: int):
+    def __init__(self, in_features: int, out_features: int, partial_tp_grad: bool):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
-        set_sharding(self.weight, (out_features, in_features))
+        set_sharding(self.weight, (out_features, in_features), partial_tp_grad=partial_tp_grad)

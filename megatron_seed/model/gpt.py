@@ -21,7 +21,7 @@ from torch import nn
 
 from megatron_seed.config import ModelConfig
 from megatron_seed.model.attention import Attention, KVCache, build_attention_mask
-from megatron_seed.model.layers import RMSNorm, SwiGLUMLP, rotary_cos_sin, tp_shared
+from megatron_seed.model.layers import RMSNorm, SwiGLUMLP, rotary_cos_sin
 from megatron_seed.parallel.mappings import gather_from_sequence_parallel_region
 from megatron_seed.parallel.sharding import init_parameters, set_sharding
 from megatron_seed.parallel.state import ParallelState
@@ -33,9 +33,9 @@ class TransformerBlock(nn.Module):
     def __init__(self, cfg: ModelConfig, ps: ParallelState, layer_id: int):
         super().__init__()
         sp = ps.sequence_parallel
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps, ps, partial_grad=sp)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps, partial_tp_grad=sp)
         self.self_attn = Attention(cfg, ps, layer_id)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps, ps, partial_grad=sp)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps, partial_tp_grad=sp)
         self.is_moe = layer_id >= cfg.num_dense_layers
         self.mlp = MoELayer(cfg, ps) if self.is_moe else SwiGLUMLP(cfg.hidden_size, cfg.dense_ffn_size, ps)
 
@@ -52,14 +52,12 @@ class ValueHead(nn.Module):
         self.ps = ps
         self.weight = nn.Parameter(torch.empty(1, hidden_size))
         self.bias = nn.Parameter(torch.empty(1))
-        set_sharding(self.weight, (1, hidden_size))
-        set_sharding(self.bias, (1,), init="zeros")
+        set_sharding(self.weight, (1, hidden_size), partial_tp_grad=ps.sequence_parallel)
+        set_sharding(self.bias, (1,), init="zeros", partial_tp_grad=ps.sequence_parallel)
 
     def forward(self, h_BSH: torch.Tensor) -> torch.Tensor:
-        sp = self.ps.sequence_parallel
-        w, b = tp_shared(self.weight, self.ps, sp), tp_shared(self.bias, self.ps, sp)
-        v_BS = F.linear(h_BSH, w, b).squeeze(-1)
-        return gather_from_sequence_parallel_region(v_BS, self.ps.tp_group, 1) if sp else v_BS
+        v_BS = F.linear(h_BSH, self.weight, self.bias).squeeze(-1)
+        return gather_from_sequence_parallel_region(v_BS, self.ps.tp_group, 1) if self.ps.sequence_parallel else v_BS
 
 
 class GPTModel(nn.Module):
@@ -81,7 +79,7 @@ class GPTModel(nn.Module):
             raise ValueError("model.tie_embeddings=true needs the embedding and the head on one stage (parallel.pp=1)")
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, ps) if pre_process else None
         self.layers = nn.ModuleDict({str(i): TransformerBlock(cfg, ps, i) for i in self.layer_ids})
-        self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, ps, partial_grad=ps.sequence_parallel) if post_process else None
+        self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, partial_tp_grad=ps.sequence_parallel) if post_process else None
         self.lm_head = None
         self.value_head = None
         if post_process and cfg.value_head:

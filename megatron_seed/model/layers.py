@@ -1,9 +1,8 @@
 """Small building blocks: RMSNorm, rotary embeddings, the dense SwiGLU MLP.
 
 Weights replicated over tp whose gradient each rank sees only in part (a norm under
-sequence parallel sees S/tp tokens; a QK-norm sees its local heads) pass through
-:func:`tp_shared`: identity forward, all-reduce of the gradient over tp backward, so
-gradients are complete when backward returns and no later fix-up pass is needed.
+sequence parallel sees S/tp tokens; a QK-norm sees its local heads) are marked
+``partial_tp_grad``; the optimizer sums their gradients over tp once per step.
 """
 from __future__ import annotations
 
@@ -11,31 +10,25 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from megatron_seed.parallel.mappings import copy_to_parallel_region
 from megatron_seed.parallel.sharding import set_sharding
 from megatron_seed.parallel.state import ParallelState
 from megatron_seed.parallel.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
 
-def tp_shared(weight: torch.Tensor, ps: ParallelState, partial_grad: bool) -> torch.Tensor:
-    """``weight`` as used in forward; sums its gradient over tp when ranks see only part of it."""
-    return copy_to_parallel_region(weight, ps.tp_group) if partial_grad else weight
-
-
 class RMSNorm(nn.Module):
     """y = x / sqrt(mean(x^2) + eps) * w, computed in fp32 (as HF Qwen3)."""
 
-    def __init__(self, size: int, eps: float, ps: ParallelState, partial_grad: bool = False):
+    def __init__(self, size: int, eps: float, partial_tp_grad: bool = False):
         super().__init__()
-        self.eps, self.ps, self.partial_grad = eps, ps, partial_grad
+        self.eps = eps
         self.weight = nn.Parameter(torch.empty(size))
-        set_sharding(self.weight, (size,), init="ones")
+        set_sharding(self.weight, (size,), init="ones", partial_tp_grad=partial_tp_grad)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return tp_shared(self.weight, self.ps, self.partial_grad) * x.to(dtype)
+        return self.weight * x.to(dtype)
 
 
 def rotary_cos_sin(position_ids_BS: torch.Tensor, head_dim: int, theta: float) -> tuple:

@@ -8,7 +8,8 @@ initialised, and whether it is an expert weight. That single record drives
   by (seed, parameter name) and keeps its shard, so values equal the one-process
   model under any layout;
 * :func:`gather_full` / :func:`shard_full`: checkpoints and parallel-equals-serial tests;
-* gradient reduction (dense over dp, experts over edp) and grad-norm counting.
+* gradient reduction (dense over dp, experts over edp; tp first for ``partial_tp_grad``)
+  and grad-norm counting.
 
 Shard index along a dim: ``rank_in(group) * shards // size(group)``. ``shards`` may be
 smaller than the group size (e.g. 2 kv heads over tp=4): ranks then hold replicas.
@@ -40,7 +41,10 @@ class Sharding:
     init: str = "normal"  # normal | ones | zeros
     std: Optional[float] = None  # None: the model's init_std
     is_expert: bool = False  # gradients reduced over edp instead of dp
-    sequence_parallel: bool = False  # replicated over tp but sees only local tokens: all-reduce grads over tp
+    # Replicated over tp, but each tp rank computes only part of the gradient (its chunk of
+    # the sequence under sequence parallel, or its attention heads): summed over tp by the
+    # optimizer, once per step, before the data-parallel reduction.
+    partial_tp_grad: bool = False
     extra: dict = field(default_factory=dict)
 
 
@@ -51,9 +55,9 @@ def set_sharding(
     init: str = "normal",
     std: Optional[float] = None,
     is_expert: bool = False,
-    sequence_parallel: bool = False,
+    partial_tp_grad: bool = False,
 ) -> nn.Parameter:
-    param.sharding = Sharding(tuple(full_shape), tuple(dims), init, std, is_expert, sequence_parallel)
+    param.sharding = Sharding(tuple(full_shape), tuple(dims), init, std, is_expert, partial_tp_grad)
     return param
 
 

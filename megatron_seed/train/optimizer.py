@@ -87,13 +87,13 @@ class DistributedOptimizer:
     def _reduce_partial_tp_grads(self) -> None:
         """Sum over tp the gradients of tp-replicated weights that each tp rank saw only part of.
 
-        Parameters marked ``sequence_parallel`` in their sharding record (e.g. the MoE
-        router, which routes a different chunk of tokens on each tp rank) hold a partial
+        Parameters marked ``partial_tp_grad`` in their sharding record (norms under sequence
+        parallel, QK-norms, replicated kv projections, the MoE router) hold a partial
         gradient per rank; one flat all-reduce over tp completes them before dp reduction.
         """
         if self.ps.tp_size == 1:
             return
-        params = [p for p in self.params if get_sharding(p).sequence_parallel and p.grad is not None]
+        params = [p for p in self.params if get_sharding(p).partial_tp_grad and p.grad is not None]
         if not params:
             return
         flat = torch.cat([p.grad.reshape(-1) for p in params])
