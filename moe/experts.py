@@ -44,8 +44,7 @@ class GroupedExperts(nn.Module):
         L, F_, H = self.num_local_experts, self.local_ffn, self.w_down.shape[1]
         w_gate_up_LHO = self.w_gate_up.view(L, 2 * F_, H).transpose(1, 2)
         gate_up_NO = kernels.grouped_mm(rows_NH, w_gate_up_LHO, tokens_per_expert_L)
-        gate_NF, up_NF = gate_up_NO.split(F_, dim=1)
-        return kernels.grouped_mm(F.silu(gate_NF) * up_NF, self.w_down.transpose(1, 2), tokens_per_expert_L)
+        return kernels.grouped_mm(kernels.swiglu(gate_up_NO), self.w_down.transpose(1, 2), tokens_per_expert_L)
 
 
 class SharedExperts(nn.Module):

@@ -8,6 +8,7 @@ routed rows (kept token-slots, sorted by expert), ``K``/``O`` GEMM in/out featur
 * :func:`permute`: token-slots sorted by expert (stable), rows gathered.
 * :func:`unpermute`: ``y[t] = sum_a probs[t, a] * rows[slot(t, a)]`` (weights fused).
 * :func:`grouped_mm`: ``out[rows of expert e] = x[rows of e] @ w[e]`` for contiguous segments.
+* :func:`swiglu`: ``silu(gate) * up`` on the fused gate/up GEMM output.
 """
 from __future__ import annotations
 
@@ -89,12 +90,48 @@ def permute(x_TH: torch.Tensor, slots_N: torch.Tensor, top_k: int) -> torch.Tens
 
 
 def unpermute(rows_NH: torch.Tensor, slots_N: torch.Tensor, weights_TA: torch.Tensor) -> torch.Tensor:
-    """``y[t] = sum over kept slots (t, a) of weights[t, a] * rows[i(t, a)]``; fp32 accumulation."""
+    """``y[t] = sum over kept slots (t, a) of weights[t, a] * rows[i(t, a)]``.
+
+    When every slot is kept (dropless, one rank) this is one batched ``[1, A] x [A, H]``
+    product per token; otherwise a weighted ``index_add`` (fp32 accumulation).
+    """
     T, A = weights_TA.shape
+    if slots_N.numel() == T * A:
+        row_of_slot = torch.empty_like(slots_N)
+        row_of_slot[slots_N] = torch.arange(slots_N.numel(), device=slots_N.device)
+        rows_TAH = rows_NH.index_select(0, row_of_slot).view(T, A, -1)
+        return torch.bmm(weights_TA.to(rows_NH.dtype).unsqueeze(1), rows_TAH).squeeze(1)
     w_N = weights_TA.reshape(-1).index_select(0, slots_N)
     weighted = rows_NH.float() * w_N.float().unsqueeze(1)
     out = weighted.new_zeros(T, rows_NH.shape[1]).index_add(0, torch.div(slots_N, A, rounding_mode="floor"), weighted)
     return out.to(rows_NH.dtype)
+
+
+class _SwiGLU(torch.autograd.Function):
+    """``silu(gate) * up`` on a fused ``[N, 2F]`` input; the backward writes one fused gradient."""
+
+    @staticmethod
+    def forward(ctx, gate_up_N2F):
+        ctx.save_for_backward(gate_up_N2F)
+        gate, up = gate_up_N2F.chunk(2, dim=1)
+        return F.silu(gate) * up
+
+    @staticmethod
+    def backward(ctx, grad_NF):
+        (gate_up,) = ctx.saved_tensors
+        gate, up = gate_up.chunk(2, dim=1)
+        sig = torch.sigmoid(gate)
+        silu = gate * sig
+        out = torch.empty_like(gate_up)
+        d_gate, d_up = out.chunk(2, dim=1)
+        torch.mul(grad_NF, silu, out=d_up)
+        torch.mul(grad_NF * up, sig * (1 + gate * (1 - sig)), out=d_gate)
+        return out
+
+
+def swiglu(gate_up_N2F: torch.Tensor) -> torch.Tensor:
+    """``silu(x[:, :F]) * x[:, F:]``."""
+    return _SwiGLU.apply(gate_up_N2F)
 
 
 def _aligned(t: torch.Tensor) -> bool:
@@ -114,6 +151,15 @@ def _segment_mm_padded(x_NK: torch.Tensor, w_EKO: torch.Tensor, counts_E: torch.
     return torch.bmm(padded, w_EKO)[expert_N, pos_N]
 
 
+def _transposed_copy(a_NK: torch.Tensor) -> torch.Tensor:
+    """Row-major ``a^T [K, N']`` with ``N'`` padded to 16 bytes (rows past ``N`` are never read)."""
+    N, K = a_NK.shape
+    pad = -N % max(16 // a_NK.element_size(), 1)
+    out = a_NK.new_empty(K, N + pad)
+    out[:, :N] = a_NK.t()
+    return out
+
+
 class _GroupedMM(torch.autograd.Function):
     """``torch._grouped_mm`` with a backward that accepts any incoming gradient layout."""
 
@@ -130,7 +176,12 @@ class _GroupedMM(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             dx = torch._grouped_mm(grad_NO, w_EKO.transpose(1, 2), offs=offs_E)
         if ctx.needs_input_grad[1]:
-            dw = torch._grouped_mm(x_NK.t(), grad_NO, offs=offs_E)
+            # computed as [E, O, K] when w is a transposed view, so its gradient lands in w's
+            # storage layout; the row-major transposed copy is ~2.5x faster on CPU than a strided A
+            if w_EKO.stride(1) == 1:
+                dw = torch._grouped_mm(_transposed_copy(grad_NO), x_NK, offs=offs_E).transpose(1, 2)
+            else:
+                dw = torch._grouped_mm(_transposed_copy(x_NK), grad_NO, offs=offs_E)
         return dx, dw, None
 
 

@@ -1,0 +1,115 @@
+"""MoE layer forward+backward: ours vs HF Qwen3MoeSparseMoeBlock vs the dense-matmul floor.
+
+All three run side by side in one process, single thread, same weights and input:
+
+* ours: :class:`moe.layer.MoELayer` (one process, torch kernels, aux losses off as HF's
+  block computes none);
+* HF: ``transformers``' ``Qwen3MoeSparseMoeBlock`` with the weights copied;
+* floor: the same matmul FLOPs as dense GEMMs, forward and backward: router
+  ``[T, H] x [H, E]``, gate/up ``[T*A, H] x [H, 2F]``, down ``[T*A, F] x [F, H]``.
+
+Timed round-robin (noise on a shared machine hits all three alike). Prints the median time of each and the ratios HF/ours (target >= 1.3) and ours/floor
+(target <= 1.5). Usage: ``python benchmarks/bench_moe_layer.py [--repeats 15]``.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from megatron_seed.config import ModelConfig, MoEConfig  # noqa: E402
+from megatron_seed.parallel.sharding import init_parameters  # noqa: E402
+from megatron_seed.parallel.state import ParallelState  # noqa: E402
+from moe.layer import MoELayer  # noqa: E402
+
+SHAPES = [  # tokens, hidden, expert ffn, experts, top-k
+    (1024, 256, 128, 16, 4),
+    (2048, 512, 256, 64, 8),
+]
+
+
+def interleaved_medians(fns: list, repeats: int, warmup: int = 2) -> list:
+    """Median seconds of each function, timed round-robin so machine noise hits all alike."""
+    for fn in fns:
+        for _ in range(warmup):
+            fn()
+    times: list = [[] for _ in fns]
+    for _ in range(repeats):
+        for fn, out in zip(fns, times):
+            start = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - start)
+    return [statistics.median(t) for t in times]
+
+
+def build(T: int, H: int, F: int, E: int, A: int) -> tuple:
+    from transformers import Qwen3MoeConfig
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
+
+    ps = ParallelState.single()
+    ours = MoELayer(ModelConfig(hidden_size=H, moe=MoEConfig(num_experts=E, top_k=A, ffn_size=F, aux_loss_coef=0.0, kernel_backend="torch")), ps)
+    init_parameters(ours, 0, ps, 0.02)
+    hf = Qwen3MoeSparseMoeBlock(Qwen3MoeConfig(hidden_size=H, moe_intermediate_size=F, num_experts=E, num_experts_per_tok=A, norm_topk_prob=True))
+    with torch.no_grad():
+        hf.gate.weight.copy_(ours.router.weight)
+        hf.experts.gate_up_proj.copy_(ours.experts.w_gate_up.reshape(E, 2 * F, H))
+        hf.experts.down_proj.copy_(ours.experts.w_down)
+    return ours, hf
+
+
+def fwd_bwd(module: torch.nn.Module, x: torch.Tensor, g: torch.Tensor):
+    def step() -> None:
+        module.zero_grad(set_to_none=True)
+        xi = x.detach().requires_grad_(True)
+        module(xi).backward(g)
+
+    return step
+
+
+def floor_step(T: int, H: int, F: int, E: int, A: int):
+    """Dense GEMMs with the MoE layer's matmul FLOPs, forward and backward."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(T, H, generator=gen, requires_grad=True)
+    rows = torch.randn(T * A, H, generator=gen, requires_grad=True)
+    w_router = torch.randn(H, E, generator=gen, requires_grad=True)
+    w_gate_up = torch.randn(H, 2 * F, generator=gen, requires_grad=True)
+    w_down = torch.randn(F, H, generator=gen, requires_grad=True)
+    g_router, g_up, g_down = torch.randn(T, E), torch.randn(T * A, 2 * F), torch.randn(T * A, H)
+    h = torch.randn(T * A, F, generator=gen, requires_grad=True)
+
+    def step() -> None:
+        torch.autograd.backward([x @ w_router, rows @ w_gate_up, h @ w_down], [g_router, g_up, g_down])
+
+    return step
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--repeats", type=int, default=15)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    print(f"torch {torch.__version__}, 1 thread, median of {args.repeats} repeats, forward+backward")
+    print(f"{'T':>5} {'H':>4} {'F':>4} {'E':>3} {'A':>2} | {'ours ms':>8} {'HF ms':>8} {'floor ms':>8} | {'HF/ours':>7} {'ours/floor':>10}")
+    ok = True
+    for T, H, F, E, A in SHAPES:
+        torch.manual_seed(0)
+        ours, hf = build(T, H, F, E, A)
+        x, g = torch.randn(1, T, H), torch.randn(1, T, H)
+        with torch.no_grad():
+            torch.testing.assert_close(ours(x), hf(x), rtol=1e-4, atol=1e-5)  # same work, same answer
+        t_ours, t_hf, t_floor = interleaved_medians([fwd_bwd(ours, x, g), fwd_bwd(hf, x, g), floor_step(T, H, F, E, A)], args.repeats)
+        speedup, overhead = t_hf / t_ours, t_ours / t_floor
+        ok &= speedup >= 1.3 and overhead <= 1.5
+        print(f"{T:>5} {H:>4} {F:>4} {E:>3} {A:>2} | {t_ours * 1e3:8.2f} {t_hf * 1e3:8.2f} {t_floor * 1e3:8.2f} | {speedup:7.2f} {overhead:10.2f}")
+    print("targets (HF/ours >= 1.3, ours/floor <= 1.5):", "met" if ok else "NOT met")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
