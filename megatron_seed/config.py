@@ -159,7 +159,9 @@ class RLConfig:
     steps: int = 20
     critic_lr: float = 1e-3
     actor_lr: float = 1e-4
-    value_pretrain_steps: int = 20
+    value_pretrain_steps: int = 20  # at most; stops earlier on a plateau
+    value_pretrain_patience: int = 5  # steps without improvement of value loss or explained variance
+    value_pretrain_min_delta: float = 1e-3  # smallest change that counts as an improvement
     overlong_penalty: float = 0.0
     adaptation_rule: str = "learnability"  # learnability | reward | uniform
     adaptation_min_weight: float = 0.05

@@ -161,3 +161,45 @@ def dp_shard(exp: dict, dp_rank: int, dp_size: int, mini_batches: int = 1) -> di
     part = B // (mini_batches * dp_size)
     index = torch.cat([torch.arange(part) + (i * dp_size + dp_rank) * part for i in range(mini_batches)])
     return select_rows(exp, index)
+
+
+# ----------------------------------------------------------------------------- scoring rollouts
+
+
+def response_texts(rollout, tokenizer, stop_ids: Sequence[int]) -> list:
+    """Each row's response decoded, without the stop token that ended it."""
+    stops = set(int(i) for i in stop_ids)
+    texts = []
+    for reply in rollout.responses():
+        texts.append(tokenizer.decode(reply[:-1] if reply and reply[-1] in stops else reply))
+    return texts
+
+
+def score_rollout(rollout, records: Sequence, router, tokenizer, stop_ids: Sequence[int]) -> list:
+    """Score every row of ``rollout`` with ``router``; ``records[i]`` is the
+    :class:`data.prompts.PromptRecord` of prompt ``i``. Returns one ``RewardResult`` per row."""
+    from rl.rewards.base import ScoringSample
+
+    texts = response_texts(rollout, tokenizer, stop_ids)
+    samples = []
+    for b, text in enumerate(texts):
+        record = records[int(rollout.prompt_index_B[b])]
+        samples.append(ScoringSample(
+            response=text, question=record.prompt, reference=record.reference_answer, domain=record.domain,
+            tests=list(record.unit_tests) or None, checker=record.checker,
+            response_tokens=int(rollout.response_lengths_B[b]), metadata=dict(record.metadata),
+        ))
+    return router.score_batch(samples)
+
+
+def sample_and_score(engine, records: Sequence, router, tokenizer, n: Optional[int] = None, system: Optional[str] = None) -> tuple:
+    """Render each record's prompt with the chat template (after an optional ``system`` turn), sample
+    ``n`` responses per prompt with a :class:`rl.rollout.engine.RolloutEngine` and score them:
+    ``(rollout, results)`` with one ``RewardResult`` per rollout row."""
+    from data.chat import ChatTemplate
+
+    template = ChatTemplate(tokenizer)
+    head = [{"role": "system", "content": system}] if system else []
+    ids = [template.render_prompt(head + [{"role": "user", "content": r.prompt}]) for r in records]
+    rollout = engine.generate(ids, n=n)
+    return rollout, score_rollout(rollout, records, router, tokenizer, engine.stop_ids.tolist())

@@ -96,6 +96,13 @@ def forward_only(trainer_or_chunks, microbatches: list, ps: ParallelState, fn: C
         return forward_backward(chunks, microbatches, loss_fn, ps, schedule, forward_only=True)
 
 
+def critic_values(critic: Trainer, batch: dict) -> Optional[torch.Tensor]:
+    """The critic's ``V`` at every position ``[B, S]``, micro-batched like its training steps (last stage; None elsewhere)."""
+    c = critic.cfg
+    return _concat(forward_only(critic, split_microbatches(batch, c.train.micro_batch_size), critic.ps,
+                                lambda values, mb: values.float(), c.parallel.pp_schedule, c.train.dtype))
+
+
 def _concat(parts: list) -> Optional[torch.Tensor]:
     return torch.cat(parts, dim=0) if parts else None
 
@@ -123,8 +130,13 @@ def critic_loss_fn(norm: LossNormalizer, clip: Optional[float], agg: str) -> Cal
     return loss_fn
 
 
-def _update(trainer: Trainer, batch: dict, loss_fn_of: Callable[[LossNormalizer], Callable], positives: bool) -> dict:
-    """One optimizer step of ``trainer`` on ``batch`` (this rank's rows of one mini-batch)."""
+def optimizer_update(trainer: Trainer, batch: dict, loss_fn_of: Callable[[LossNormalizer], Callable], positives: bool) -> dict:
+    """One optimizer step of ``trainer`` on ``batch`` (this rank's rows of one mini-batch).
+
+    ``loss_fn_of(norm)`` builds the micro-batch loss from the step's global normaliser
+    (counted over the micro-batches and the dp group; ``positives`` also counts the
+    tokens of rows with ``correct_B``). Returns the global-batch metrics and the grad norm.
+    """
     ps = trainer.ps
     microbatches = split_microbatches(batch, trainer.cfg.train.micro_batch_size)
     norm = compute_normalizer([mb["mask_BS"] for mb in microbatches],
@@ -147,11 +159,14 @@ class PPOTrainer:
     ``reference``: model chunks of the frozen reference policy (needed when
     ``rl.kl_coef > 0``). ``recompute_logprobs``: take the behaviour log-probs from the
     actor's own forward (same kernels as training, so the first ratio is exactly 1)
-    instead of those the rollout engine reported.
+    instead of those the rollout engine reported. ``bootstrap_truncated``: GAE bootstraps
+    rows cut off by ``max_new_tokens`` from their last value; off by default because
+    outcome rewards (verifier, overlong penalty) score the cut response as final, so
+    the episode ended there and a bootstrap would count the future twice.
     """
 
     def __init__(self, actor: Trainer, critic: Trainer, cfg: RLConfig, reference: Optional[list] = None,
-                 recompute_logprobs: bool = False):
+                 recompute_logprobs: bool = False, bootstrap_truncated: bool = False):
         if actor.ps is not critic.ps:
             raise ValueError("actor and critic must share one ParallelState (colocated on the same groups)")
         if not critic.cfg.model.value_head:
@@ -165,6 +180,7 @@ class PPOTrainer:
         self.actor, self.critic, self.cfg, self.reference = actor, critic, cfg, reference
         self.ps = actor.ps
         self.recompute_logprobs = recompute_logprobs
+        self.bootstrap_truncated = bootstrap_truncated
         self.updates: list = []  # per optimizer step: {"actor": metrics, "critic": metrics} of the last step() call
 
     # ------------------------------------------------------------------ forward-only passes
@@ -180,10 +196,7 @@ class PPOTrainer:
                                     t.parallel.pp_schedule, t.train.dtype))
 
     def critic_values(self, batch: dict) -> Optional[torch.Tensor]:
-        """``V`` at every position ``[B, S]`` (last stage; None elsewhere)."""
-        c = self.critic.cfg
-        return _concat(forward_only(self.critic, self._micro(batch, self.critic), self.ps, lambda values, mb: values.float(),
-                                    c.parallel.pp_schedule, c.train.dtype))
+        return critic_values(self.critic, batch)
 
     def prepare(self, batch: dict) -> tuple:
         """Fill old log-probs / values / reference log-probs, then advantages and returns; ``(batch, metrics)``."""
@@ -199,7 +212,8 @@ class PPOTrainer:
         if self.ps.is_last_stage:
             mask_BS = batch["mask_BS"]
             rewards_BS = place_terminal_reward(batch["rewards_B"].to(torch.float32), mask_BS)
-            adv = compute_advantages(rewards_BS, batch["old_values_BS"], mask_BS, self.cfg, batch["truncated_B"], self.ps.group("dp"))
+            truncated_B = batch["truncated_B"] if self.bootstrap_truncated else None
+            adv = compute_advantages(rewards_BS, batch["old_values_BS"], mask_BS, self.cfg, truncated_B, self.ps.group("dp"))
             batch["advantages_BS"], batch["returns_BS"] = adv.advantages_BS.float(), adv.returns_BS.float()
             metrics["critic/explained_variance_before"] = explained_variance(batch["old_values_BS"], batch["returns_BS"], mask_BS,
                                                                              self.ps.group("dp"))
@@ -212,10 +226,10 @@ class PPOTrainer:
 
     # ------------------------------------------------------------------ updates
     def actor_update(self, batch: dict) -> dict:
-        return _update(self.actor, batch, lambda norm: actor_loss_fn(self.ps, self.cfg, norm), positives=True)
+        return optimizer_update(self.actor, batch, lambda norm: actor_loss_fn(self.ps, self.cfg, norm), positives=True)
 
     def critic_update(self, batch: dict, clip: Optional[float]) -> dict:
-        return _update(self.critic, batch, lambda norm: critic_loss_fn(norm, clip, self.cfg.loss_agg), positives=False)
+        return optimizer_update(self.critic, batch, lambda norm: critic_loss_fn(norm, clip, self.cfg.loss_agg), positives=False)
 
     def step(self, batch: dict) -> dict:
         """One PPO step on this rank's rows of a rollout batch; returns metrics (floats).
