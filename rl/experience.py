@@ -178,28 +178,32 @@ def response_texts(rollout, tokenizer, stop_ids: Sequence[int]) -> list:
 def score_rollout(rollout, records: Sequence, router, tokenizer, stop_ids: Sequence[int]) -> list:
     """Score every row of ``rollout`` with ``router``; ``records[i]`` is the
     :class:`data.prompts.PromptRecord` of prompt ``i``. Returns one ``RewardResult`` per row."""
+    texts = response_texts(rollout, tokenizer, stop_ids)
+    return router.score_batch([scoring_sample(records[int(rollout.prompt_index_B[b])], text, int(rollout.response_lengths_B[b]))
+                               for b, text in enumerate(texts)])
+
+
+def scoring_sample(record, response: str, response_tokens: Optional[int] = None):
+    """The :class:`rl.rewards.base.ScoringSample` of one response to a :class:`data.prompts.PromptRecord`."""
     from rl.rewards.base import ScoringSample
 
-    texts = response_texts(rollout, tokenizer, stop_ids)
-    samples = []
-    for b, text in enumerate(texts):
-        record = records[int(rollout.prompt_index_B[b])]
-        samples.append(ScoringSample(
-            response=text, question=record.prompt, reference=record.reference_answer, domain=record.domain,
-            tests=list(record.unit_tests) or None, checker=record.checker,
-            response_tokens=int(rollout.response_lengths_B[b]), metadata=dict(record.metadata),
-        ))
-    return router.score_batch(samples)
+    return ScoringSample(response=response, question=record.prompt, reference=record.reference_answer, domain=record.domain,
+                         tests=list(record.unit_tests) or None, checker=record.checker, response_tokens=response_tokens,
+                         metadata=dict(record.metadata))
 
 
 def sample_and_score(engine, records: Sequence, router, tokenizer, n: Optional[int] = None, system: Optional[str] = None) -> tuple:
     """Render each record's prompt with the chat template (after an optional ``system`` turn), sample
     ``n`` responses per prompt with a :class:`rl.rollout.engine.RolloutEngine` and score them:
     ``(rollout, results)`` with one ``RewardResult`` per rollout row."""
+    rollout = engine.generate(render_prompts(records, tokenizer, system), n=n)
+    return rollout, score_rollout(rollout, records, router, tokenizer, engine.stop_ids.tolist())
+
+
+def render_prompts(records: Sequence, tokenizer, system: Optional[str] = None) -> list:
+    """Token ids of each record's prompt as a user turn (after an optional ``system`` turn) plus the assistant header."""
     from data.chat import ChatTemplate
 
     template = ChatTemplate(tokenizer)
     head = [{"role": "system", "content": system}] if system else []
-    ids = [template.render_prompt(head + [{"role": "user", "content": r.prompt}]) for r in records]
-    rollout = engine.generate(ids, n=n)
-    return rollout, score_rollout(rollout, records, router, tokenizer, engine.stop_ids.tolist())
+    return [template.render_prompt(head + [{"role": "user", "content": r.prompt}]) for r in records]
