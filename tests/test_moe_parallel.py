@@ -3,7 +3,7 @@
 Every rank builds the one-process layer with the same seed as a reference and runs it on
 every data-parallel micro-batch; the parallel layer runs on this rank's share. Outputs and
 input gradients must match the reference's slice; parameter gradients, reduced the way the
-trainer does (sequence-parallel-tagged over tp, experts over edp, dense over dp) and
+trainer does (partial_tp_grad-tagged over tp, experts over edp, dense over dp) and
 gathered to full shape, must match the sum over micro-batches.
 """
 from __future__ import annotations
@@ -81,7 +81,7 @@ def _worker(rank: int, world: int, layout: dict, dispatcher: str) -> dict:
         errors[f"{scenario}/input_grad"] = _rel(x_local.grad, ref_out[micro_batch][1][:, chunk])
         for name, p in layer.named_parameters():
             sharding, grad = get_sharding(p), p.grad.clone()
-            if sharding.sequence_parallel:
+            if sharding.partial_tp_grad:
                 all_reduce_no_grad(grad, ps.group("tp"))
             all_reduce_no_grad(grad, ps.group("edp" if sharding.is_expert else "dp"))
             grad.sharding = sharding  # gather_full reads the layout from the tensor it is given
