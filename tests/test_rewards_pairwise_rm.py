@@ -87,3 +87,23 @@ def test_bad_config_and_data_are_clear_errors(tmp_path):
     path.write_text(json.dumps({"prompt": "p", "chosen": "c", "rejected": "r"}) + "\n" + json.dumps({"prompt": "p"}) + "\n")
     with pytest.raises(ValueError, match="pairs.jsonl:2"):
         load_pairs(str(path))
+
+
+@pytest.mark.timeout(120)
+def test_train_rm_cli(tmp_path, one_thread, capsys):
+    from megatron_seed.cli import main
+
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(vars(p)) + "\n" for p in synthetic_pairs(40, seed=3)))
+    out = tmp_path / "rm.pt"
+    sets = ["model.vocab_size=257", "model.hidden_size=32", "model.head_dim=8", "model.num_layers=1",
+            "model.max_seq_len=32", "train.seq_len=32", "model.moe.ffn_size=32", "model.moe.num_experts=4"]
+    argv = ["train-rm", "--data", str(data), "--tokenizer", "bytes", "--steps", "4", "--batch-size", "4",
+            "--eval-every", "2", "--save", str(out)]
+    for s in sets:
+        argv += ["--set", s]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "36 training pairs, 4 held out" in printed and "eval acc" in printed
+    saved = torch.load(out, weights_only=False)
+    assert saved["model_config"]["value_head"] is True and saved["state_dict"]
