@@ -75,3 +75,19 @@ def test_policy_returning_too_few_responses_is_named(prompt_file, tmp_path):
     router = RewardRouter({"math": ExactMatch(), "pairwise": LengthScore()}, RouterConfig(progress=False))
     with pytest.raises(ValueError, match="4 responses for every prompt"):
         filter_prompt_file(prompt_file, tmp_path / "k.jsonl", lambda recs, n: [["a"]] * len(recs), router, n=4)
+
+
+@pytest.mark.timeout(120)
+def test_filter_command_end_to_end(tmp_path):
+    """The CLI on a fresh tiny model: nothing it samples is right, so hard_pass_rate=0 drops every verifiable prompt."""
+    from data.tasks import generate_prompts
+    from megatron_seed.cli import main
+
+    src = tmp_path / "p.jsonl"
+    write_prompts(generate_prompts(3, families=("arithmetic",)), src)
+    out = tmp_path / "kept.jsonl"
+    assert main(["filter", "--input", str(src), "--output", str(out), "-n", "2", "--hard-pass-rate", "0",
+                 "--set", "rollout.max_new_tokens=4"]) == 0
+    summary = json.loads((tmp_path / "kept.jsonl.report.json").read_text())
+    assert summary["total"]["too_hard"] + summary["total"]["kept"] == 3 and summary["samples_per_prompt"] == 2
+    assert len(load_prompts(out)[0]) == summary["total"]["kept"]
