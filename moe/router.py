@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -121,7 +120,10 @@ class Router(nn.Module):
         tokens_per_expert_E = torch.bincount(experts_TA.reshape(-1), minlength=self.num_experts)
         if self.balance_bias and self.training:
             self.expert_load += tokens_per_expert_E.float()
-        loss, aux_loss, z_loss = self._losses(logits_TE, scores_TE, experts_TA, B)
+        if self.training or torch.is_grad_enabled():
+            loss, aux_loss, z_loss = self._losses(logits_TE, scores_TE, experts_TA, B)
+        else:  # inference (rollout decode): no gradient to feed; skip ~20 small ops and a collective per layer
+            loss, aux_loss, z_loss = None, logits_TE.new_zeros(()), logits_TE.new_zeros(())
         if loss is not None and torch.is_grad_enabled():
             weights_TA = AuxLossAutoScaler.apply(weights_TA, loss, aux_loss_scale)
         if cfg.capacity_factor is not None:

@@ -19,8 +19,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import dataclasses
-
     from megatron_seed.config import Config, ModelConfig, MoEConfig, save_config
     from megatron_seed.convert.hf import load_hf_checkpoint, save_hf_checkpoint
     from megatron_seed.train import checkpoint

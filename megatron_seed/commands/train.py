@@ -47,7 +47,9 @@ def pretrain(cfg) -> int:
     trainer = Trainer(cfg, ps)
     if cfg.train.load_dir:
         trainer.load(cfg.train.load_dir)
-    dataset = build_pretrain_dataset(cfg.data.train_data, cfg.data.weights, cfg.train.seq_len, cfg.train.seed, tokenizer)
+    # size the shuffled epochs to the whole run so no order repeats within it
+    num_samples = cfg.train.steps * cfg.train.global_batch_size
+    dataset = build_pretrain_dataset(cfg.data.train_data, cfg.data.weights, cfg.train.seq_len, cfg.train.seed, tokenizer, num_samples=num_samples)
     batches = batch_iterator(dataset, trainer.local_batch_size, ps.dp_rank, ps.dp_size, trainer.consumed_samples)
     logger = MetricsLogger(os.path.join(cfg.train.save_dir, "metrics.jsonl"), enabled=trainer.is_logging_rank)
     try:

@@ -28,7 +28,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
 from megatron_seed.config import TrainConfig
 from megatron_seed.parallel.sharding import get_sharding, replicas
@@ -202,6 +201,3 @@ def model_parameters(chunks: list) -> list:
 def build_optimizer(chunks: list, cfg: TrainConfig, ps: ParallelState, zero1: bool) -> DistributedOptimizer:
     return DistributedOptimizer(model_parameters(chunks), cfg, ps, zero1)
 
-
-def num_parameters(chunks: list) -> int:
-    return sum(p.numel() for p in model_parameters(chunks) if isinstance(p, nn.Parameter))

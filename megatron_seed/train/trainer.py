@@ -17,7 +17,6 @@ from contextlib import nullcontext
 from typing import Callable, Iterator, Optional
 
 import torch
-import torch.distributed as dist
 
 from megatron_seed.config import Config, ConfigError, save_config
 from megatron_seed.model.build import build_model_chunks
@@ -29,6 +28,7 @@ from megatron_seed.train import checkpoint
 from megatron_seed.train.metrics import MetricsLogger, flops_per_token, peak_flops
 from megatron_seed.train.optimizer import NonFiniteGradError, build_optimizer
 from megatron_seed.train.schedule import lr_at
+from moe.router import update_expert_biases
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -136,6 +136,8 @@ class Trainer:
         """Reduce, clip and apply the accumulated gradients; returns ``(grad_norm, lr)``."""
         lr = self.lr()
         grad_norm = self.optimizer.step(lr)
+        for m in self.chunks:  # aux-loss-free balancing: biases follow the load seen this step
+            update_expert_biases(m)
         self.step += 1
         self.consumed_samples += self.cfg.train.global_batch_size
         return grad_norm, lr
@@ -236,8 +238,3 @@ def _progress(total: int, initial: int, enabled: bool):
     from tqdm import tqdm
 
     return tqdm(total=total, initial=initial, desc="train", dynamic_ncols=True, leave=False)
-
-
-def barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()

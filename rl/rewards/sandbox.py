@@ -209,7 +209,7 @@ class Sandbox:
         """argv: [bwrap ...] [setpriv ...] prlimit ... python -I -S <script>."""
         lim = self.limits
         inner = [self._prlimit, f"--cpu={lim.cpu_s}:{lim.cpu_s + 1}", f"--as={lim.memory_mb * _MB}",
-                 f"--fsize={lim.file_size_mb * _MB}", f"--nofile={lim.open_files}", f"--core=0"]
+                 f"--fsize={lim.file_size_mb * _MB}", f"--nofile={lim.open_files}", "--core=0"]
         if uid is not None:
             inner.append(f"--nproc={lim.max_processes}")
         inner += ["--", self.python, "-I", "-S", script]
