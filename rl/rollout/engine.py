@@ -73,15 +73,17 @@ def _one_chunk(model: Optional[ModelArg], what: str) -> Optional[GPTModel]:
 
 
 @contextlib.contextmanager
-def inference_mode(models: Sequence[GPTModel], ps: ParallelState) -> Iterator[None]:
-    """No gradients, eval mode (routers do not count load for bias balancing), sequence parallel off."""
+def generation_mode(models: Sequence[GPTModel], ps: ParallelState) -> Iterator[None]:
+    """``torch.inference_mode`` (no autograd bookkeeping at all: ~10% less per-op overhead than
+    ``no_grad`` at decode sizes), eval mode (routers neither count load for bias balancing nor
+    compute balancing losses), sequence parallel off."""
     training = [m.training for m in models]
     sequence_parallel = ps.sequence_parallel
     ps.sequence_parallel = False
     for m in models:
         m.eval()
     try:
-        with torch.no_grad():
+        with torch.inference_mode():
             yield
     finally:
         ps.sequence_parallel = sequence_parallel
@@ -184,7 +186,7 @@ class RolloutEngine:
         base = int(torch.randint(0, 2**62, (1,), generator=self.generator))
         seeds = [row_seed(base, self.ps.dp_rank, r) for r in range(len(row_prompts))]
         results = _Results()
-        with inference_mode(self.models, self.ps):
+        with generation_mode(self.models, self.ps):
             chunks = deque(self._plan_chunks(row_prompts, max_new))
             active: Optional[_Chunk] = None
             while self._anyone_working(active is not None or bool(chunks)):

@@ -1,0 +1,109 @@
+"""Rollout speed: our KV-cache engine vs Hugging Face ``generate`` on the same Qwen3-MoE weights.
+
+Both generate ``--new-tokens`` greedy tokens (no stop token) for batches of ``--prompt-len``
+random prompts on CPU; the HF model is ``Qwen3MoeForCausalLM`` built from
+``hf_config(...)`` and loaded with our weights through the converter, so the work is
+identical (the script also reports how many generated tokens agree). Runs are
+interleaved and each side keeps its best of ``--repeats``. Both sides run on one thread
+by default, and throughput is reported per second of wall time and per second of this
+process's CPU time: on a shared, loaded machine the CPU-time figure is the stable one
+(other processes' load stretches wall time, not the CPU time our thread uses).
+
+    .venv/bin/python benchmarks/bench_rollout.py [--batches 1 16] [--new-tokens 128] [--threads 1]
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import tempfile
+import time
+
+import torch
+
+from megatron_seed.config import MoEConfig, ModelConfig, RolloutConfig
+from megatron_seed.convert.hf import save_hf_checkpoint
+from megatron_seed.model.gpt import GPTModel
+from megatron_seed.parallel.state import ParallelState
+from rl.rollout.engine import RolloutEngine
+from rl.rollout.sampling import SamplingParams
+
+MODEL = ModelConfig(
+    vocab_size=4096, hidden_size=256, num_layers=4, num_attention_heads=8, num_kv_heads=4, head_dim=32,
+    max_seq_len=512, moe=MoEConfig(num_experts=16, top_k=4, ffn_size=256),
+)
+
+
+def build_models(seed: int) -> tuple:
+    from transformers import Qwen3MoeForCausalLM
+
+    ours = GPTModel(MODEL, ParallelState.single()).eval()
+    ours.init_weights(seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        save_hf_checkpoint(ours.state_dict(), MODEL, tmp)
+        hf = Qwen3MoeForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()
+    return ours, hf
+
+
+class Clock:
+    """Wall and process-CPU seconds of a block."""
+
+    def __enter__(self) -> "Clock":
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.wall, self.cpu = time.perf_counter() - self.wall, time.process_time() - self.cpu
+
+
+def time_ours(engine: RolloutEngine, prompts: list, new_tokens: int) -> tuple:
+    with Clock() as clock:
+        out = engine.generate(prompts, n=1, sampling=SamplingParams(temperature=0.0), max_new_tokens=new_tokens)
+    return clock, out.responses()
+
+
+@torch.no_grad()
+def time_hf(hf, prompts: list, new_tokens: int) -> tuple:
+    ids = torch.tensor(prompts)
+    with Clock() as clock:
+        out = hf.generate(
+            input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+            do_sample=False, use_cache=True, eos_token_id=None, pad_token_id=0,
+        )
+    return clock, out[:, ids.shape[1]:].tolist()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 16])
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--prompt-len", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    ours, hf = build_models(seed=0)
+    engine = RolloutEngine(ours, ParallelState.single(), RolloutConfig(kv_cache_budget_mb=1024), stop_ids=[], pad_id=0)
+    m = MODEL
+    print(f"model: hidden {m.hidden_size}, {m.num_layers} layers, {m.moe.num_experts} experts top-{m.moe.top_k}, "
+          f"vocab {m.vocab_size}; prompt {args.prompt_len}, {args.new_tokens} new tokens, greedy, "
+          f"{args.threads} thread(s), best of {args.repeats}")
+    print(f"{'batch':>5} | {'wall tok/s: ours':>16} {'HF':>7} {'ratio':>6} | {'CPU tok/s: ours':>15} {'HF':>7} {'ratio':>6} | same tokens")
+    gen = torch.Generator().manual_seed(1)
+    time_ours(engine, [[1, 2, 3]], 4), time_hf(hf, [[1, 2, 3]], 4)  # warm-up
+    for batch in args.batches:
+        prompts = torch.randint(4, m.vocab_size, (batch, args.prompt_len), generator=gen).tolist()
+        best = {"ours": [float("inf")] * 2, "hf": [float("inf")] * 2}
+        outputs = {}
+        for _ in range(args.repeats):
+            for name, fn, model in (("ours", time_ours, engine), ("hf", time_hf, hf)):
+                clock, toks = fn(model, prompts, args.new_tokens)
+                best[name] = [min(best[name][0], clock.wall), min(best[name][1], clock.cpu)]
+                outputs[name] = toks
+        same = sum(a == b for ra, rb in zip(outputs["ours"], outputs["hf"]) for a, b in zip(ra, rb)) / (batch * args.new_tokens)
+        n = batch * args.new_tokens
+        (wo, co), (wh, ch) = best["ours"], best["hf"]
+        print(f"{batch:>5} | {n / wo:>16.1f} {n / wh:>7.1f} {wh / wo:>5.2f}x | {n / co:>15.1f} {n / ch:>7.1f} {ch / co:>5.2f}x | {same:.1%}")
+
+
+if __name__ == "__main__":
+    main()
