@@ -16,7 +16,11 @@ LAYOUTS = {
     "pp2_gpipe": (2, {"pp": 2, "pp_schedule": "gpipe"}),
     "pp2_interleaved": (2, {"pp": 2, "virtual_pp": 2, "pp_schedule": "interleaved"}),
     "pp2_uneven_stages": (2, {"pp": 2, "pp_layers": [1, 3]}),
+    "pp4_1f1b": (4, {"pp": 4}),  # middle stages: distinct prev and next ranks
+    "pp2_interleaved_dp2": (4, {"pp": 2, "virtual_pp": 2, "pp_schedule": "interleaved"}),  # M == pp: all warm-up
     "dp2_zero1": (2, {"zero1": True}),
+    "dp2_replicated_optimizer": (2, {"zero1": False}),
+    "dp2_reduce_after_backward": (2, {"overlap_grad_reduce": False}),
     "ep2_dp2": (4, {"ep": 2}),
     "tp2_sp_ep2_dp2": (4, {"tp": 2, "sequence_parallel": True, "ep": 2}),
     "tp2_ep2_etp2": (4, {"tp": 2, "ep": 2, "etp": 2}),

@@ -4,6 +4,9 @@ Parameters fall into two reduction groups: dense parameters (replicated over
 ``dp_cp``) and expert parameters (replicated over ``edp``). For each group the local
 gradients are flattened into one buffer and all-reduced (SUM: the loss is already
 normalised by the global token count, so summing gives the one-process gradient).
+With ``overlap_grad_reduce`` the all-reduce runs in chunks that start during the
+step's last backward pass (:mod:`megatron_seed.train.grad_overlap`); the numbers are
+the same.
 
 ZeRO-1 (Megatron's distributed optimizer): the flat buffer is cut into ``size``
 equal contiguous ranges; a rank keeps the fp32 master copy and both Adam moments only
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -32,6 +36,7 @@ import torch.distributed as dist
 from megatron_seed.config import TrainConfig
 from megatron_seed.parallel.sharding import get_sharding, replicas
 from megatron_seed.parallel.state import ParallelState
+from megatron_seed.train.grad_overlap import GradReduceOverlap
 
 
 class NonFiniteGradError(FloatingPointError):
@@ -54,7 +59,19 @@ class _Bucket:
 
 
 class DistributedOptimizer:
-    def __init__(self, params: list, cfg: TrainConfig, ps: ParallelState, zero1: bool = True):
+    """See the module docstring. ``overlap_grad_reduce``: after :meth:`expect_backward_passes`,
+    gradient chunks of ``bucket_numel`` elements start their all-reduce during the last
+    backward pass (:mod:`megatron_seed.train.grad_overlap`)."""
+
+    def __init__(
+        self,
+        params: list,
+        cfg: TrainConfig,
+        ps: ParallelState,
+        zero1: bool = True,
+        overlap_grad_reduce: bool = False,
+        bucket_numel: int = 2**22,
+    ):
         self.cfg, self.ps, self.zero1 = cfg, ps, zero1
         self.step_count = 0
         params = [p for p in params if p.requires_grad]
@@ -62,6 +79,11 @@ class DistributedOptimizer:
         expert = [p for p in params if get_sharding(p).is_expert]
         self.buckets = [self._bucket(dense, "dp_cp"), self._bucket(expert, "edp")]
         self.params = params
+        self.overlaps = [
+            GradReduceOverlap(b.params, ps.group(b.group_name), bucket_numel)
+            if overlap_grad_reduce and ps.size(b.group_name) > 1 and b.params else None
+            for b in self.buckets
+        ]
 
     def _bucket(self, params: list, group_name: str) -> _Bucket:
         numel = sum(p.numel() for p in params)
@@ -82,27 +104,46 @@ class DistributedOptimizer:
     def zero_grad(self) -> None:
         for p in self.params:
             p.grad = None
+        for overlap in self.overlaps:
+            if overlap is not None:
+                overlap.reset()
 
-    def _reduce_partial_tp_grads(self) -> None:
+    def expect_backward_passes(self, passes: int) -> None:
+        """Announce this step's backward passes (one per micro-batch) so the data-parallel
+        all-reduce of each gradient chunk can start as soon as its last pass is done."""
+        for overlap in self.overlaps:
+            if overlap is not None:
+                overlap.arm(passes)
+
+    def _reduce_partial_tp_grads(self, flats: list) -> None:
         """Sum over tp the gradients of tp-replicated weights that each tp rank saw only part of.
 
         Parameters marked ``partial_tp_grad`` in their sharding record (norms under sequence
         parallel, QK-norms, replicated kv projections, the MoE router) hold a partial
-        gradient per rank; one flat all-reduce over tp completes them before dp reduction.
+        gradient per rank; one flat all-reduce over tp completes them. Applied to the
+        dp-reduced flat gradients (sums commute), so the dp all-reduce may start in backward.
         """
         if self.ps.tp_size == 1:
             return
-        params = [p for p in self.params if get_sharding(p).partial_tp_grad and p.grad is not None]
-        if not params:
+        slices = []
+        for b, flat in zip(self.buckets, flats):
+            offset = 0
+            for p in b.params:
+                if get_sharding(p).partial_tp_grad:
+                    slices.append(flat[offset:offset + p.numel()])
+                offset += p.numel()
+        if not slices:
             return
-        flat = torch.cat([p.grad.reshape(-1) for p in params])
-        dist.all_reduce(flat, group=self.ps.tp_group)
+        partial = torch.cat(slices)
+        dist.all_reduce(partial, group=self.ps.tp_group)
         offset = 0
-        for p in params:
-            p.grad.copy_(flat[offset:offset + p.numel()].view_as(p.grad))
-            offset += p.numel()
+        for view in slices:
+            view.copy_(partial[offset:offset + view.numel()])
+            offset += view.numel()
 
-    def _reduced_flat_grad(self, b: _Bucket) -> torch.Tensor:
+    def _reduced_flat_grad(self, b: _Bucket, overlap: Optional[GradReduceOverlap]) -> torch.Tensor:
+        if overlap is not None and overlap.expected:
+            return overlap.finish()
         grads = [(p.grad if p.grad is not None else torch.zeros_like(p)).float() for p in b.params]
         flat = self._flat(grads, b.numel)
         group = self.ps.group(b.group_name)
@@ -129,8 +170,8 @@ class DistributedOptimizer:
 
         Raises :class:`NonFiniteGradError` (parameters untouched) on a NaN/Inf norm.
         """
-        self._reduce_partial_tp_grads()
-        flats = [self._reduced_flat_grad(b) for b in self.buckets]
+        flats = [self._reduced_flat_grad(b, overlap) for b, overlap in zip(self.buckets, self.overlaps)]
+        self._reduce_partial_tp_grads(flats)
         norm = self._grad_norm(flats)
         if not math.isfinite(norm):
             raise NonFiniteGradError(f"gradient norm is {norm}")
@@ -198,6 +239,6 @@ def model_parameters(chunks: list) -> list:
     return [p for m in chunks for p in m.parameters()]
 
 
-def build_optimizer(chunks: list, cfg: TrainConfig, ps: ParallelState, zero1: bool) -> DistributedOptimizer:
-    return DistributedOptimizer(model_parameters(chunks), cfg, ps, zero1)
+def build_optimizer(chunks: list, cfg: TrainConfig, ps: ParallelState, zero1: bool, overlap_grad_reduce: bool = False) -> DistributedOptimizer:
+    return DistributedOptimizer(model_parameters(chunks), cfg, ps, zero1, overlap_grad_reduce)
 

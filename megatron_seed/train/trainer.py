@@ -77,7 +77,7 @@ class Trainer:
         self.cfg, self.ps = cfg, ps
         torch.manual_seed(cfg.train.seed)
         self.chunks = chunks if chunks is not None else build_model_chunks(cfg.model, cfg.parallel, ps, cfg.train.seed)
-        self.optimizer = build_optimizer(self.chunks, cfg.train, ps, cfg.parallel.zero1)
+        self.optimizer = build_optimizer(self.chunks, cfg.train, ps, cfg.parallel.zero1, cfg.parallel.overlap_grad_reduce)
         self.step = 0
         self.consumed_samples = 0
         per_step = cfg.train.micro_batch_size * ps.dp_size
@@ -129,6 +129,7 @@ class Trainer:
             m.train()
             m.set_aux_loss_scale(1.0 / (len(microbatches) * self.ps.dp_size))
         self.optimizer.zero_grad()
+        self.optimizer.expect_backward_passes(len(microbatches))  # dp all-reduce overlaps the last one
         with autocast_context(self.cfg.train.dtype):
             return forward_backward(self.chunks, microbatches, loss_fn, self.ps, self.cfg.parallel.pp_schedule)
 
