@@ -74,6 +74,24 @@ def _pp_worker(rank: int, world: int) -> bool:
         assert a.responses() == b.responses() and a.finish_reasons == b.finish_reasons
         _assert_rel(a.log_probs_BS, b.log_probs_BS, b.response_mask_BS)
         torch.testing.assert_close(a.values_BS, b.values_BS, rtol=1e-5, atol=1e-6)
+    budget = 2 * 2.5 * kv_bytes_per_slot(model) * (7 + MAX_NEW) / 2**20  # 2 micro-batch slots, few rows each: slots refill
+    small = RolloutEngine([model], ps, RolloutConfig(kv_cache_budget_mb=budget), stop_ids=stop, pad_id=0)
+    assert len(small._plan_chunks([p for p in PROMPTS for _ in range(2)], MAX_NEW)) > 2
+    out = small.generate(PROMPTS, n=2, sampling=GREEDY, max_new_tokens=MAX_NEW)
+    assert out.responses() == [greedy_reference(single, p, MAX_NEW, stop) for p in PROMPTS for _ in range(2)]
+    return True
+
+
+def _mixed_worker(rank: int, world: int, layout: dict) -> bool:
+    """tp or pp combined with ep spanning dp ranks: unequal work, lockstep and greedy == reference."""
+    parallel = ParallelConfig(**layout)
+    ps = ParallelState.build(parallel)
+    (model,) = build_model_chunks(tiny_model(), parallel, ps, SEED)
+    single = single_model()
+    stop = [stop_token_for(single, PROMPTS[0], 2, MAX_NEW)]
+    mine = local_prompts(PROMPTS + [[40, 41, 42]], ps)
+    out = _engine(model, ps, stop).generate(mine, n=2, sampling=GREEDY, max_new_tokens=MAX_NEW + 3 * ps.dp_rank)
+    assert out.responses() == [greedy_reference(single, p, MAX_NEW + 3 * ps.dp_rank, stop) for p in mine for _ in range(2)]
     return True
 
 
@@ -86,6 +104,12 @@ def test_tp2_equals_single_process(sequence_parallel):
 @pytest.mark.timeout(240)
 def test_ep2_ranks_with_unequal_work_stay_in_lockstep():
     assert run_distributed(_ep_worker, 2) == [True, True]
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("layout", [{"pp": 2, "ep": 2}, {"tp": 2, "ep": 4}])
+def test_four_ranks_tp_or_pp_with_ep_across_dp(layout):
+    assert run_distributed(_mixed_worker, 4, layout) == [True] * 4
 
 
 @pytest.mark.timeout(240)

@@ -28,11 +28,16 @@ Parallel layouts (all dp ranks generate their own prompts, see :func:`local_prom
   iteration every rank runs exactly one forward (a prefill, a decode step, or a one-token
   dummy once its own work is done) and an all-reduce (MAX) of a "still working" flag
   over the world decides whether anyone needs another iteration.
-* pp: a stage-by-stage loop written here (the pipeline schedules have no KV cache):
-  each forward passes the activations ``[b, S, H]`` stage to stage with send/recv, the
-  last stage samples, and broadcasts the tokens, log-probs and values over the pp group,
-  so every stage keeps the same bookkeeping. One micro-batch is in flight, so stages idle
-  while others compute (no micro-batch interleaving yet). ``virtual_pp`` must be 1.
+* pp: micro-batched decoding written here (the training schedules in
+  ``parallel/pipeline.py`` keep no KV cache). The rows are cut into chunks and ``pp``
+  of them (micro-batches, each with its own cache) are in flight at once, visited in a
+  fixed round-robin order by every stage. Activations ``[b, S, H]`` go stage to stage
+  with send/recv; the last stage samples and sends the ``(tokens, log-probs, values)``
+  packet back to every other stage without waiting; a stage only waits for a
+  micro-batch's packet when that micro-batch comes round again, so while the last stage
+  samples micro-batch ``m`` the first stage already runs ``m + 1``. Every stage applies
+  the same packets in the same order, so all agree on which rows ended and which chunk
+  fills a freed slot. ``virtual_pp`` must be 1.
 
 Critic values ride in the same structure: the critic has its own cache and runs the same
 forwards on the same inputs; its output at the last input position is the value of the
@@ -56,6 +61,7 @@ from rl.rollout.outputs import FINISH_LENGTH, FINISH_STOP, RolloutBatch, assembl
 from rl.rollout.sampling import SamplingParams, row_generators, row_seed, sample
 
 ModelArg = Union[GPTModel, Sequence[GPTModel]]
+ACTIVATION_TAG, PACKET_TAG = 0, 1  # pp messages: activations flow forward, sampled-token packets flow back
 
 
 def local_prompts(prompts: Sequence, ps: ParallelState) -> list:
@@ -166,6 +172,7 @@ class RolloutEngine:
         self.device = next(self.policy.parameters()).device
         self.lockstep = ps.ep_size * ps.etp_size > 1 and dist.is_initialized()
         self.models = [m for m in (self.policy, self.critic) if m is not None]
+        self.micro_batches = ps.pp_size  # micro-batches in flight: one per stage keeps every stage busy
 
     # ------------------------------------------------------------------ public API
     def generate(
@@ -187,20 +194,36 @@ class RolloutEngine:
         seeds = [row_seed(base, self.ps.dp_rank, r) for r in range(len(row_prompts))]
         results = _Results()
         with generation_mode(self.models, self.ps):
-            chunks = deque(self._plan_chunks(row_prompts, max_new))
-            active: Optional[_Chunk] = None
-            while self._anyone_working(active is not None or bool(chunks)):
-                if active is None and chunks:
-                    active = chunks.popleft()
-                    active.generators = row_generators([seeds[r] for r in active.rows]) if not params.greedy else []
-                    outputs = self._prefill(active, max_new)
-                elif active is not None:
-                    outputs = self._decode(active)
-                else:
-                    self._dummy_forward()
-                    continue
-                if self._record(active, outputs, params, max_new, results):
-                    active = None
+            queue = deque(self._plan_chunks(row_prompts, max_new))
+            slots: list = [None] * self.micro_batches  # the chunk each micro-batch slot is generating
+            pending: dict = {}  # slot -> packet still arriving from the last stage
+            sends: list = []  # the last stage's packet sends still in flight
+            while self._anyone_working(any(c is not None for c in slots) or bool(queue)):
+                for i in range(len(slots)):
+                    if i in pending and self._apply(slots[i], self._arrived(pending.pop(i)), max_new, results):
+                        slots[i] = None
+                    if slots[i] is None and queue:
+                        slots[i] = queue.popleft()
+                        slots[i].generators = row_generators([seeds[r] for r in slots[i].rows]) if not params.greedy else []
+                        outputs = self._prefill(slots[i], max_new)
+                    elif slots[i] is not None:
+                        outputs = self._decode(slots[i])
+                    else:
+                        if self.lockstep:
+                            self._dummy_forward()
+                        continue
+                    packet = self._sample_packet(slots[i], outputs, params)
+                    if self.ps.pp_size == 1:
+                        done = self._apply(slots[i], packet, max_new, results)
+                    elif self.policy.post_process:
+                        sends += self._send_packet(packet)
+                        done = self._apply(slots[i], packet, max_new, results)
+                    else:
+                        pending[i], done = self._post_receive(packet), False
+                    if done:
+                        slots[i] = None
+            for work in sends:
+                work.wait()
         rows = range(len(row_prompts))
         return assemble(
             row_prompts,
@@ -241,9 +264,14 @@ class RolloutEngine:
         return ids
 
     def _plan_chunks(self, row_prompts: list, max_new: int) -> list:
-        """Rows sorted by prompt length, cut into chunks whose caches fit the budget."""
+        """Rows sorted by prompt length, cut into chunks whose caches fit the budget.
+
+        Under pp, ``micro_batches`` chunks are alive at once, so each gets that share of
+        the budget, and rows are spread over at least that many chunks.
+        """
         per_slot = sum(kv_bytes_per_slot(m) for m in self.models)
-        budget = int(self.cfg.kv_cache_budget_mb * 2**20)
+        budget = int(self.cfg.kv_cache_budget_mb * 2**20) // self.micro_batches
+        max_rows = -(-len(row_prompts) // self.micro_batches)
         tp = self.ps.tp_size
         order = sorted(range(len(row_prompts)), key=lambda r: len(row_prompts[r]))
         chunks, current = [], []
@@ -252,11 +280,11 @@ class RolloutEngine:
             per_row = per_slot * (width + max_new)
             if per_row > budget:
                 raise ConfigError(
-                    f"rollout.kv_cache_budget_mb={self.cfg.kv_cache_budget_mb} cannot hold one sequence of "
+                    f"rollout.kv_cache_budget_mb={self.cfg.kv_cache_budget_mb} (/ {self.micro_batches} micro-batches) cannot hold one sequence of "
                     f"{len(row_prompts[r])} prompt + {max_new} new tokens ({per_row / 2**20:.2f} MB on this rank); "
                     "fix: raise kv_cache_budget_mb, lower max_new_tokens or shorten the prompts"
                 )
-            if current and (len(current) + 1) * per_row > budget:
+            if current and ((len(current) + 1) * per_row > budget or len(current) == max_rows):
                 chunks.append(self._new_chunk(current, row_prompts))
                 current = []
             current.append(r)
@@ -315,25 +343,43 @@ class RolloutEngine:
             out = model(ids_BS, **kwargs)
         else:
             hidden = torch.empty(*ids_BS.shape, model.cfg.hidden_size, dtype=next(model.parameters()).dtype, device=self.device)
-            dist.recv(hidden, src=ps.global_rank("pp", ps.pp_rank - 1), group=ps.group("pp"))
+            dist.recv(hidden, src=ps.global_rank("pp", ps.pp_rank - 1), group=ps.group("pp"), tag=ACTIVATION_TAG)
             out = model(hidden_BSH=hidden, **kwargs)
         if model.post_process:
             return out
-        dist.send(out.contiguous(), dst=ps.global_rank("pp", ps.pp_rank + 1), group=ps.group("pp"))
+        dist.send(out.contiguous(), dst=ps.global_rank("pp", ps.pp_rank + 1), group=ps.group("pp"), tag=ACTIVATION_TAG)
         return None
 
-    def _record(self, chunk: _Chunk, outputs: tuple, params: SamplingParams, max_new: int, results: _Results) -> bool:
-        """Sample from ``outputs`` (logits, values), store the tokens, drop ended rows; True when the chunk is done."""
+    # ------------------------------------------------------------------ token feedback
+    def _sample_packet(self, chunk: _Chunk, outputs: tuple, params: SamplingParams) -> torch.Tensor:
+        """``[3, b]`` float64 (tokens, log-probs, values): sampled on the last stage, a receive buffer elsewhere."""
         logits_BV, values_B = outputs
-        B = len(chunk.rows)
-        packet = torch.zeros(3, B, dtype=torch.float64)
+        packet = torch.zeros(3, len(chunk.rows), dtype=torch.float64)
         if self.policy.post_process:
             tokens_B, log_probs_B = sample(logits_BV, params, chunk.generators, self.ps)
             packet[0], packet[1] = tokens_B.double(), log_probs_B.double()
             if values_B is not None:
                 packet[2] = values_B.double()
-        if self.ps.pp_size > 1:
-            dist.broadcast(packet, src=self.ps.global_rank("pp", self.ps.pp_size - 1), group=self.ps.group("pp"))
+        return packet
+
+    def _send_packet(self, packet: torch.Tensor) -> list:
+        """Last stage: send the packet to every other stage without waiting (they need it next round)."""
+        ps = self.ps
+        group = ps.group("pp")
+        return [dist.isend(packet, dst=ps.global_rank("pp", s), group=group, tag=PACKET_TAG) for s in range(ps.pp_size - 1)]
+
+    def _post_receive(self, packet: torch.Tensor) -> tuple:
+        ps = self.ps
+        return dist.irecv(packet, src=ps.global_rank("pp", ps.pp_size - 1), group=ps.group("pp"), tag=PACKET_TAG), packet
+
+    @staticmethod
+    def _arrived(receive: tuple) -> torch.Tensor:
+        work, packet = receive
+        work.wait()
+        return packet
+
+    def _apply(self, chunk: _Chunk, packet: torch.Tensor, max_new: int, results: _Results) -> bool:
+        """Store the sampled tokens, drop ended rows from the batch and caches; True when the chunk is done."""
         tokens_B = packet[0].long()
         chunk.steps += 1
         for row, token, log_prob, value in zip(chunk.rows, *packet.tolist()):
