@@ -116,25 +116,25 @@ class P2P:
     ) -> tuple:
         """Send an activation forward / a gradient backward and receive the other ends.
 
-        Returns ``(activation from prev or None, gradient from next or None)``. All
-        transfers are posted before any is waited on, so paired neighbours never
-        deadlock; ops are issued activations first, then gradients, on every rank, so
-        backends that match by issue order (NCCL) agree with those matching by tag.
+        Returns ``(activation from prev or None, gradient from next or None)``. The
+        transfers go out as one ``batch_isend_irecv`` (a NCCL group call), so paired
+        neighbours never deadlock; ops are issued activations first, then gradients, on
+        every rank, so backends that match by issue order (NCCL) agree with those
+        matching by tag (gloo).
         """
-        ops, works = [], []
+        group = self.ps.group("pp")
+        ops = []
         from_prev = self._empty(requires_grad=True) if recv_prev else None
         from_next = self._empty() if recv_next else None
         if send_next is not None:
-            ops.append((dist.isend, send_next.detach().contiguous(), self.next_rank, ACTIVATION_TAG))
+            ops.append(dist.P2POp(dist.isend, send_next.detach().contiguous(), self.next_rank, group, ACTIVATION_TAG))
         if from_prev is not None:
-            ops.append((dist.irecv, from_prev.data, self.prev_rank, ACTIVATION_TAG))
+            ops.append(dist.P2POp(dist.irecv, from_prev.data, self.prev_rank, group, ACTIVATION_TAG))
         if send_prev is not None:
-            ops.append((dist.isend, send_prev.detach().contiguous(), self.prev_rank, GRADIENT_TAG))
+            ops.append(dist.P2POp(dist.isend, send_prev.detach().contiguous(), self.prev_rank, group, GRADIENT_TAG))
         if from_next is not None:
-            ops.append((dist.irecv, from_next, self.next_rank, GRADIENT_TAG))
-        for op, tensor, peer, tag in ops:
-            works.append(op(tensor, peer, tag=tag))
-        for work in works:
+            ops.append(dist.P2POp(dist.irecv, from_next, self.next_rank, group, GRADIENT_TAG))
+        for work in dist.batch_isend_irecv(ops) if ops else []:
             work.wait()
         return from_prev, from_next
 
@@ -152,8 +152,18 @@ def activation_shape(mb: dict, hidden_size: int, ps: ParallelState) -> tuple:
     return (B, S, hidden_size)
 
 
+_P2P_READY: set = set()
+
+
 def _p2p(chunks: list, microbatches: list, ps: ParallelState) -> P2P:
+    """The exchange of this schedule run; called by every rank of the pp group at its start."""
     param = next(p for m in chunks for p in m.parameters())
+    group = ps.group("pp")
+    if id(group) not in _P2P_READY:
+        # NCCL: the first batch_isend_irecv on a group must involve all its ranks (torch docs);
+        # the first stage's first exchange does not, so the group's first op is a barrier.
+        dist.barrier(group=group)
+        _P2P_READY.add(id(group))
     shapes = {activation_shape(mb, chunks[0].cfg.hidden_size, ps) for mb in microbatches}
     if len(shapes) != 1:
         raise ValueError(f"pipeline parallel needs micro-batches of one shape; got {sorted(shapes)}")
