@@ -166,10 +166,10 @@ class RolloutEngine:
             stop_ids = ChatTemplate(tokenizer).stop_ids
         if stop_ids is None:
             raise ConfigError("rollout: no stop tokens; pass stop_ids=[eos, end_of_turn] or a tokenizer")
-        self.stop_ids = torch.tensor(sorted(set(int(i) for i in stop_ids)), dtype=torch.long)
+        self.device = next(self.policy.parameters()).device
+        self.stop_ids = torch.tensor(sorted(set(int(i) for i in stop_ids)), dtype=torch.long, device=self.device)
         self.pad_id = int(pad_id if pad_id is not None else (tokenizer.pad_id if tokenizer is not None else self.stop_ids[0]))
         self.generator = torch.Generator().manual_seed(seed)
-        self.device = next(self.policy.parameters()).device
         self.lockstep = ps.ep_size * ps.etp_size > 1 and dist.is_initialized()
         self.models = [m for m in (self.policy, self.critic) if m is not None]
         self.micro_batches = ps.pp_size  # micro-batches in flight: one per stage keeps every stage busy
@@ -204,7 +204,7 @@ class RolloutEngine:
                         slots[i] = None
                     if slots[i] is None and queue:
                         slots[i] = queue.popleft()
-                        slots[i].generators = row_generators([seeds[r] for r in slots[i].rows]) if not params.greedy else []
+                        slots[i].generators = row_generators([seeds[r] for r in slots[i].rows], self.device) if not params.greedy else []
                         outputs = self._prefill(slots[i], max_new)
                     elif slots[i] is not None:
                         outputs = self._decode(slots[i])
@@ -301,7 +301,7 @@ class RolloutEngine:
     def _anyone_working(self, mine: bool) -> bool:
         if not self.lockstep:
             return mine
-        flag = torch.tensor([1.0 if mine else 0.0])
+        flag = torch.tensor([1.0 if mine else 0.0], device=self.device)  # NCCL reduces device tensors only
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 
@@ -313,7 +313,7 @@ class RolloutEngine:
             ids_BS[b, P - len(p):] = torch.as_tensor(p)
             mask_BS[b, P - len(p):] = True
         pos_BS = (mask_BS.long().cumsum(1) - 1).clamp(min=0)
-        chunk.prompt_lens_B = mask_BS.sum(1)
+        chunk.prompt_lens_B = mask_BS.sum(1).to(self.device)
         padding = None if bool(mask_BS.all()) else mask_BS.to(self.device)
         chunk.cache = self.policy.allocate_kv_cache(B, P + max_new)
         chunk.critic_cache = self.critic.allocate_kv_cache(B, P + max_new) if self.critic is not None else None
@@ -354,7 +354,7 @@ class RolloutEngine:
     def _sample_packet(self, chunk: _Chunk, outputs: tuple, params: SamplingParams) -> torch.Tensor:
         """``[3, b]`` float64 (tokens, log-probs, values): sampled on the last stage, a receive buffer elsewhere."""
         logits_BV, values_B = outputs
-        packet = torch.zeros(3, len(chunk.rows), dtype=torch.float64)
+        packet = torch.zeros(3, len(chunk.rows), dtype=torch.float64, device=self.device)
         if self.policy.post_process:
             tokens_B, log_probs_B = sample(logits_BV, params, chunk.generators, self.ps)
             packet[0], packet[1] = tokens_B.double(), log_probs_B.double()
@@ -396,9 +396,9 @@ class RolloutEngine:
         if bool(stopped_B.any()):
             keep = (~stopped_B).nonzero().flatten()
             keep_list = keep.tolist()
-            chunk.cache.select(keep.to(self.device))
+            chunk.cache.select(keep)
             if chunk.critic_cache is not None:
-                chunk.critic_cache.select(keep.to(self.device))
+                chunk.critic_cache.select(keep)
             chunk.rows = [chunk.rows[i] for i in keep_list]
             chunk.generators = [chunk.generators[i] for i in keep_list] if chunk.generators else []
             chunk.prompt_lens_B = chunk.prompt_lens_B[keep]
