@@ -14,7 +14,6 @@ process's CPU time: on a shared, loaded machine the CPU-time figure is the stabl
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import tempfile
 import time
 

@@ -17,7 +17,8 @@ which samples exactly from ``softmax(logit / T)`` restricted to the kept tokens.
 noise ``E [B, V_full]`` comes from one ``torch.Generator`` per row (seeded by the
 engine from its seed and the row's index), drawn over the *full* vocabulary on every
 rank, so a row's sample depends only on its seed and its logits: the same under any tp
-size, batch composition or chunking.
+size, batch composition or chunking. The price: ``B`` small RNG calls and ``B x V_full``
+random numbers per step on every tp rank.
 
 Tensor parallel: greedy and plain temperature sampling never gather the vocabulary:
 each rank scores its shard with its slice of the noise and
