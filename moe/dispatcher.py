@@ -18,8 +18,10 @@ computation::
   computes the slots routed to its local experts, and the weighted outputs are
   reduce-scattered back; cheaper than all-to-all for small ep.
 
-Dropped slots (expert id ``E``, see the router's capacity) are never sent. The routing
-weights are applied in ``combine_postprocess`` (fused into the unpermute).
+Dropped slots (expert id ``E``, see the router's capacity) are never sent. Each row's
+routing weight travels with it (``weights_N``, through the same all-to-all) and the experts
+apply it inside the SwiGLU, on ``[N, F]`` rather than ``[N, H]``; the combine then only
+sums each token's rows (``kernels.combine_rows``, one ``index_add``).
 """
 from __future__ import annotations
 
@@ -57,46 +59,56 @@ class _Dispatcher:
         self.first_expert = ps.rank_in("ep") * self.num_local_experts
 
     def token_dispatch(self, x_TH: torch.Tensor, weights_TA: torch.Tensor, experts_TA: torch.Tensor) -> tuple:
-        """``(rows_NH, tokens_per_local_expert_L)`` ready for the experts."""
-        rows = self.dispatch_preprocess(x_TH, weights_TA, experts_TA)
-        return self.dispatch_postprocess(self.dispatch(rows))
+        """``(rows_NH, tokens_per_local_expert_L, weights_N)`` ready for the experts."""
+        rows_NH, weights_N = self.dispatch(*self.dispatch_preprocess(x_TH, weights_TA, experts_TA))
+        return self.dispatch_postprocess(rows_NH, weights_N)
 
     def token_combine(self, out_NH: torch.Tensor) -> torch.Tensor:
-        """``y_TH``: expert outputs weighted and summed back onto the local tokens."""
+        """``y_TH``: the (already weighted) expert outputs summed back onto the local tokens."""
         return self.combine_postprocess(self.combine(self.combine_preprocess(out_NH)))
+
+    def _permute(self, x_TH: torch.Tensor, weights_TA: torch.Tensor) -> tuple:
+        """Rows and their routing weights in ``self.slots_N`` order."""
+        self.num_tokens = x_TH.shape[0]
+        return self.kernels.permute(x_TH, self.slots_N, self.top_k), weights_TA.reshape(-1).index_select(0, self.slots_N)
+
+    def _unpermute(self, out_NH: torch.Tensor) -> torch.Tensor:
+        return self.kernels.combine_rows(out_NH, self.slots_N, self.num_tokens, self.top_k)
 
 
 class AllToAllDispatcher(_Dispatcher):
     """Dropless all-to-all over ep with uneven splits (etp: gather / reduce-scatter)."""
 
-    def dispatch_preprocess(self, x_TH: torch.Tensor, weights_TA: torch.Tensor, experts_TA: torch.Tensor) -> torch.Tensor:
+    def dispatch_preprocess(self, x_TH: torch.Tensor, weights_TA: torch.Tensor, experts_TA: torch.Tensor) -> tuple:
         etp_group = self.ps.group("etp")
         x_TH = gather_from_sequence_parallel_region(x_TH, etp_group, 0)
-        self.weights_TA = gather_from_sequence_parallel_region(weights_TA, etp_group, 0)
+        weights_TA = gather_from_sequence_parallel_region(weights_TA, etp_group, 0)
         with torch.no_grad():
             experts_TA = gather_from_sequence_parallel_region(experts_TA, etp_group, 0)
-        self.num_tokens = x_TH.shape[0]
         self.slots_N, tokens_per_expert_E = self.kernels.sort_slots(experts_TA, self.num_experts)
         self.send_counts_E = tokens_per_expert_E
-        return self.kernels.permute(x_TH, self.slots_N, self.top_k)
+        return self._permute(x_TH, weights_TA)
 
-    def dispatch(self, rows_NH: torch.Tensor) -> torch.Tensor:
+    def dispatch(self, rows_NH: torch.Tensor, weights_N: torch.Tensor) -> tuple:
         if self.ep == 1:
             self.recv_counts_SL = self.send_counts_E.view(1, -1)
-            return rows_NH
+            return rows_NH, weights_N
         group = self.ps.group("ep")
         with torch.no_grad():
             self.recv_counts_SL = all_to_all(self.send_counts_E.contiguous(), group).view(self.ep, self.num_local_experts)
         self.input_splits = self.send_counts_E.view(self.ep, -1).sum(1).tolist()
         self.output_splits = self.recv_counts_SL.sum(1).tolist()
-        return all_to_all(rows_NH, group, self.output_splits, self.input_splits)
+        return (
+            all_to_all(rows_NH, group, self.output_splits, self.input_splits),
+            all_to_all(weights_N, group, self.output_splits, self.input_splits),
+        )
 
-    def dispatch_postprocess(self, rows_NH: torch.Tensor) -> tuple:
+    def dispatch_postprocess(self, rows_NH: torch.Tensor, weights_N: torch.Tensor) -> tuple:
         tokens_per_local_expert_L = self.recv_counts_SL.sum(0)
         if self.ep == 1:
-            return rows_NH, tokens_per_local_expert_L
+            return rows_NH, tokens_per_local_expert_L, weights_N
         self.sort_index_N = _chunk_sort_index(self.recv_counts_SL)
-        return rows_NH.index_select(0, self.sort_index_N), tokens_per_local_expert_L
+        return rows_NH.index_select(0, self.sort_index_N), tokens_per_local_expert_L, weights_N.index_select(0, self.sort_index_N)
 
     def combine_preprocess(self, out_NH: torch.Tensor) -> torch.Tensor:
         if self.ep == 1:
@@ -111,29 +123,28 @@ class AllToAllDispatcher(_Dispatcher):
         return all_to_all(out_NH, self.ps.group("ep"), self.input_splits, self.output_splits)
 
     def combine_postprocess(self, out_NH: torch.Tensor) -> torch.Tensor:
-        y_TH = self.kernels.unpermute(out_NH, self.slots_N, self.weights_TA)
-        return reduce_scatter_to_sequence_parallel_region(y_TH, self.ps.group("etp"), 0)
+        return reduce_scatter_to_sequence_parallel_region(self._unpermute(out_NH), self.ps.group("etp"), 0)
 
 
 class AllGatherDispatcher(_Dispatcher):
     """All-gather over etp x ep; each rank computes only the slots of its local experts."""
 
-    def dispatch_preprocess(self, x_TH: torch.Tensor, weights_TA: torch.Tensor, experts_TA: torch.Tensor) -> torch.Tensor:
+    def dispatch_preprocess(self, x_TH: torch.Tensor, weights_TA: torch.Tensor, experts_TA: torch.Tensor) -> tuple:
         group = self.ps.group("expert_model_parallel")
         x_TH = gather_from_sequence_parallel_region(x_TH, group, 0)
-        self.weights_TA = gather_from_sequence_parallel_region(weights_TA, group, 0)
+        weights_TA = gather_from_sequence_parallel_region(weights_TA, group, 0)
         with torch.no_grad():
             experts_TA = gather_from_sequence_parallel_region(experts_TA, group, 0)
             local_TA = experts_TA - self.first_expert
             local_TA = torch.where((local_TA >= 0) & (local_TA < self.num_local_experts), local_TA, self.num_local_experts)
         self.slots_N, self.tokens_per_local_expert_L = self.kernels.sort_slots(local_TA, self.num_local_experts)
-        return self.kernels.permute(x_TH, self.slots_N, self.top_k)
+        return self._permute(x_TH, weights_TA)
 
-    def dispatch(self, rows_NH: torch.Tensor) -> torch.Tensor:
-        return rows_NH
+    def dispatch(self, rows_NH: torch.Tensor, weights_N: torch.Tensor) -> tuple:
+        return rows_NH, weights_N
 
-    def dispatch_postprocess(self, rows_NH: torch.Tensor) -> tuple:
-        return rows_NH, self.tokens_per_local_expert_L
+    def dispatch_postprocess(self, rows_NH: torch.Tensor, weights_N: torch.Tensor) -> tuple:
+        return rows_NH, self.tokens_per_local_expert_L, weights_N
 
     def combine_preprocess(self, out_NH: torch.Tensor) -> torch.Tensor:
         return out_NH
@@ -142,8 +153,7 @@ class AllGatherDispatcher(_Dispatcher):
         return out_NH
 
     def combine_postprocess(self, out_NH: torch.Tensor) -> torch.Tensor:
-        y_TH = self.kernels.unpermute(out_NH, self.slots_N, self.weights_TA)
-        return reduce_scatter_to_sequence_parallel_region(y_TH, self.ps.group("expert_model_parallel"), 0)
+        return reduce_scatter_to_sequence_parallel_region(self._unpermute(out_NH), self.ps.group("expert_model_parallel"), 0)
 
 
 def build_dispatcher(kind: str, num_experts: int, top_k: int, ps: ParallelState, kernels) -> _Dispatcher:

@@ -13,6 +13,8 @@ Both are split over ep along dim 0 and over etp along the F dim.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -23,7 +25,7 @@ from megatron_seed.parallel.tensor_parallel import ColumnParallelLinear, RowPara
 
 
 class GroupedExperts(nn.Module):
-    """``out = down(silu(gate(x)) * up(x))`` per expert, all local experts in two grouped GEMMs."""
+    """``out = down(w * silu(gate(x)) * up(x))`` per expert, all local experts in two grouped GEMMs."""
 
     def __init__(self, num_experts: int, hidden_size: int, ffn_size: int, ps: ParallelState):
         super().__init__()
@@ -39,12 +41,16 @@ class GroupedExperts(nn.Module):
         self.w_down = nn.Parameter(torch.empty(self.num_local_experts, hidden_size, self.local_ffn))
         set_sharding(self.w_down, (num_experts, hidden_size, ffn_size), (ShardDim(0, "ep", ep), ShardDim(2, "etp", etp)), is_expert=True)
 
-    def forward(self, rows_NH: torch.Tensor, tokens_per_expert_L: torch.Tensor, kernels) -> torch.Tensor:
-        """Rows sorted by local expert, ``tokens_per_expert_L`` rows each; partial sums under etp."""
+    def forward(self, rows_NH: torch.Tensor, tokens_per_expert_L: torch.Tensor, kernels, weights_N: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Rows sorted by local expert, ``tokens_per_expert_L`` rows each; partial sums under etp.
+
+        ``weights_N`` (each row's routing weight) scales the SwiGLU output, so the result
+        is ``w * expert(x)`` (the down projection is linear).
+        """
         L, F_, H = self.num_local_experts, self.local_ffn, self.w_down.shape[1]
         w_gate_up_LHO = self.w_gate_up.view(L, 2 * F_, H).transpose(1, 2)
         gate_up_NO = kernels.grouped_mm(rows_NH, w_gate_up_LHO, tokens_per_expert_L)
-        return kernels.grouped_mm(kernels.swiglu(gate_up_NO), self.w_down.transpose(1, 2), tokens_per_expert_L)
+        return kernels.grouped_mm(kernels.swiglu(gate_up_NO, weights_N), self.w_down.transpose(1, 2), tokens_per_expert_L)
 
 
 class SharedExperts(nn.Module):

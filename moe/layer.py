@@ -66,8 +66,8 @@ class MoELayer(nn.Module):
         routing = self.router(x_local, self.aux_loss_scale)
         kernels = ops(resolve_backend(self.moe_cfg.kernel_backend, x_BSH.device))
         dispatcher = build_dispatcher(self.moe_cfg.dispatcher, self.moe_cfg.num_experts, self.moe_cfg.top_k, ps, kernels)
-        rows_NH, tokens_per_expert_L = dispatcher.token_dispatch(x_local.reshape(-1, H), routing.weights_TA, routing.experts_TA)
-        out_NH = self.experts(rows_NH, tokens_per_expert_L, kernels)
+        rows_NH, tokens_per_expert_L, weights_N = dispatcher.token_dispatch(x_local.reshape(-1, H), routing.weights_TA, routing.experts_TA)
+        out_NH = self.experts(rows_NH, tokens_per_expert_L, kernels, weights_N)
         y_BSH = dispatcher.token_combine(out_NH).view(B, S, H)
         if split_tokens:
             y_BSH = gather_from_parallel_region(y_BSH, ps.tp_group, 1)

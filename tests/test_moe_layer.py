@@ -170,3 +170,29 @@ def test_grouped_mm_paths_agree_with_a_loop() -> None:
         w = torch.randn(4, K, O)
         loop = torch.cat([x[s - c : s] @ w[e] for e, (c, s) in enumerate(zip(counts, counts.cumsum(0)))])
         torch.testing.assert_close(reference.grouped_mm(x, w, counts), loop)
+
+
+@pytest.mark.parametrize("transposed_weight", [False, True])
+def test_grouped_mm_gradients_match_a_loop(transposed_weight: bool) -> None:
+    torch.manual_seed(6)
+    counts = torch.tensor([3, 0, 5, 1])  # an empty expert must get a zero weight gradient
+    x = torch.randn(int(counts.sum()), 8, requires_grad=True)
+    storage = torch.randn(4, 16, 8) if transposed_weight else torch.randn(4, 8, 16)
+    storage.requires_grad_(True)
+    w = storage.transpose(1, 2) if transposed_weight else storage
+    g = torch.randn(x.shape[0], 16)
+    got = torch.autograd.grad((reference.grouped_mm(x, w, counts) * g).sum(), (x, storage))
+    loop = torch.cat([x[s - c : s] @ w[e] for e, (c, s) in enumerate(zip(counts, counts.cumsum(0)))])
+    want = torch.autograd.grad((loop * g).sum(), (x, storage))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+
+
+def test_weighted_swiglu_matches_autograd() -> None:
+    torch.manual_seed(7)
+    gate_up = torch.randn(6, 10, dtype=torch.float64, requires_grad=True)
+    weights = torch.rand(6, dtype=torch.float64, requires_grad=True)
+    torch.autograd.gradcheck(reference.swiglu, (gate_up, weights))
+    torch.autograd.gradcheck(reference.swiglu, (gate_up,))
+    gate, up = gate_up.chunk(2, dim=1)
+    torch.testing.assert_close(reference.swiglu(gate_up, weights), weights[:, None] * torch.nn.functional.silu(gate) * up)

@@ -7,8 +7,10 @@ routed rows (kept token-slots, sorted by expert), ``K``/``O`` GEMM in/out featur
   group limiting, top-k, optional renormalisation.
 * :func:`permute`: token-slots sorted by expert (stable), rows gathered.
 * :func:`unpermute`: ``y[t] = sum_a probs[t, a] * rows[slot(t, a)]`` (weights fused).
+* :func:`combine_rows`: ``y[t] = sum_a rows[slot(t, a)]``, the adjoint of :func:`permute`
+  (used when the routing weights were already applied in :func:`swiglu`).
 * :func:`grouped_mm`: ``out[rows of expert e] = x[rows of e] @ w[e]`` for contiguous segments.
-* :func:`swiglu`: ``silu(gate) * up`` on the fused gate/up GEMM output.
+* :func:`swiglu`: ``w_row * silu(gate) * up`` on the fused gate/up GEMM output.
 """
 from __future__ import annotations
 
@@ -107,31 +109,58 @@ def unpermute(rows_NH: torch.Tensor, slots_N: torch.Tensor, weights_TA: torch.Te
     return out.to(rows_NH.dtype)
 
 
+def combine_rows(rows_NH: torch.Tensor, slots_N: torch.Tensor, num_tokens: int, top_k: int) -> torch.Tensor:
+    """``y[t] = sum over kept slots (t, a) of rows[i(t, a)]`` (fp32 accumulation), ``y`` is ``[T, H]``.
+
+    One ``index_add`` into ``[T, H]``; its backward is one row gather, so expert outputs
+    are never copied into a ``[T, A, H]`` buffer.
+    """
+    tokens_N = torch.div(slots_N, top_k, rounding_mode="floor")
+    out = torch.zeros(num_tokens, rows_NH.shape[1], dtype=torch.float32, device=rows_NH.device)
+    return out.index_add_(0, tokens_N, rows_NH.float()).to(rows_NH.dtype)
+
+
 class _SwiGLU(torch.autograd.Function):
-    """``silu(gate) * up`` on a fused ``[N, 2F]`` input; the backward writes one fused gradient."""
+    """``w[:, None] * silu(gate) * up`` on a fused ``[N, 2F]`` input (``w`` optional).
+
+    Applying the routing weight here, on ``[N, F]``, instead of on the ``[N, H]`` expert
+    output is the same product (the down projection is linear) at half the memory traffic
+    when ``F <= H``, and its gradient ``dw = sum_f g * silu(gate) * up`` comes for free.
+    The backward writes one fused ``[N, 2F]`` gradient.
+    """
 
     @staticmethod
-    def forward(ctx, gate_up_N2F):
-        ctx.save_for_backward(gate_up_N2F)
+    def forward(ctx, gate_up_N2F, weights_N):
+        ctx.save_for_backward(gate_up_N2F, weights_N)
         gate, up = gate_up_N2F.chunk(2, dim=1)
-        return F.silu(gate) * up
+        out = F.silu(gate).mul_(up)
+        return out if weights_N is None else out.mul_(weights_N.unsqueeze(1))
 
     @staticmethod
     def backward(ctx, grad_NF):
-        (gate_up,) = ctx.saved_tensors
+        gate_up, weights_N = ctx.saved_tensors
         gate, up = gate_up.chunk(2, dim=1)
         sig = torch.sigmoid(gate)
         silu = gate * sig
+        d_weights = None
+        if weights_N is not None and ctx.needs_input_grad[1]:
+            # sum_f g * silu * up as one batched [1, F] x [F, 1] product per row
+            d_weights = torch.bmm(grad_NF.unsqueeze(1), (silu * up).unsqueeze(2)).view(-1)
+        grad_w = grad_NF if weights_N is None else grad_NF * weights_N.unsqueeze(1)
         out = torch.empty_like(gate_up)
         d_gate, d_up = out.chunk(2, dim=1)
-        torch.mul(grad_NF, silu, out=d_up)
-        torch.mul(grad_NF * up, sig * (1 + gate * (1 - sig)), out=d_gate)
-        return out
+        torch.mul(grad_w, silu, out=d_up)
+        # d silu / d gate = sig * (1 + gate * (1 - sig)) = sig * (1 + gate - silu)
+        torch.mul(grad_w, up, out=d_gate)
+        d_gate.mul_(torch.sub(gate, silu).add_(1).mul_(sig))
+        return out, d_weights
 
 
-def swiglu(gate_up_N2F: torch.Tensor) -> torch.Tensor:
-    """``silu(x[:, :F]) * x[:, F:]``."""
-    return _SwiGLU.apply(gate_up_N2F)
+def swiglu(gate_up_N2F: torch.Tensor, weights_N: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``w[:, None] * silu(x[:, :F]) * x[:, F:]`` (``w`` = per-row routing weight, or 1)."""
+    if weights_N is not None:
+        weights_N = weights_N.to(gate_up_N2F.dtype)
+    return _SwiGLU.apply(gate_up_N2F, weights_N)
 
 
 def _aligned(t: torch.Tensor) -> bool:
@@ -176,13 +205,34 @@ class _GroupedMM(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             dx = torch._grouped_mm(grad_NO, w_EKO.transpose(1, 2), offs=offs_E)
         if ctx.needs_input_grad[1]:
-            # computed as [E, O, K] when w is a transposed view, so its gradient lands in w's
-            # storage layout; the row-major transposed copy is ~2.5x faster on CPU than a strided A
-            if w_EKO.stride(1) == 1:
-                dw = torch._grouped_mm(_transposed_copy(grad_NO), x_NK, offs=offs_E).transpose(1, 2)
-            else:
-                dw = torch._grouped_mm(_transposed_copy(x_NK), grad_NO, offs=offs_E)
+            dw = _weight_grad(x_NK, grad_NO, w_EKO, offs_E)
         return dx, dw, None
+
+
+def _weight_grad(x_NK: torch.Tensor, grad_NO: torch.Tensor, w_EKO: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
+    """``dw[e] = x[rows of e]^T @ grad[rows of e]``, in ``w``'s storage layout.
+
+    When ``w`` is a transposed view of ``[E, O, K]`` storage the gradient is computed as
+    ``[E, O, K]`` so it lands in that layout. On CPU one ``mm`` per expert on transposed
+    views (BLAS reads them in place, and ``torch._grouped_mm`` loops over experts there
+    too) saves the transposed copy; elsewhere ``torch._grouped_mm`` on a row-major copy.
+    """
+    stored_transposed = w_EKO.stride(1) == 1
+    if x_NK.device.type == "cpu":
+        E, K, O = w_EKO.shape
+        dw = x_NK.new_empty((E, O, K) if stored_transposed else (E, K, O))
+        start = 0
+        for e, end in enumerate(offs_E.tolist()):
+            x_e, g_e = x_NK[start:end], grad_NO[start:end]
+            if stored_transposed:
+                torch.mm(g_e.t(), x_e, out=dw[e])
+            else:
+                torch.mm(x_e.t(), g_e, out=dw[e])
+            start = end
+        return dw.transpose(1, 2) if stored_transposed else dw
+    if stored_transposed:
+        return torch._grouped_mm(_transposed_copy(grad_NO), x_NK, offs=offs_E).transpose(1, 2)
+    return torch._grouped_mm(_transposed_copy(x_NK), grad_NO, offs=offs_E)
 
 
 def grouped_mm(x_NK: torch.Tensor, w_EKO: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:

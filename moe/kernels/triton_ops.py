@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from moe.kernels import reference
-from moe.kernels.reference import sort_slots, swiglu  # noqa: F401  (same ops for both backends)
+from moe.kernels.reference import combine_rows, sort_slots, swiglu  # noqa: F401  (same ops for both backends)
 
 
 @triton.jit
