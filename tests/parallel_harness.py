@@ -13,6 +13,7 @@ import dataclasses
 from functools import lru_cache
 
 import numpy as np
+import pytest
 import torch
 
 from megatron_seed.config import ParallelConfig
@@ -47,12 +48,14 @@ def full_parameters(trainer: Trainer) -> dict:
 def train(parallel: dict, ps: ParallelState) -> dict:
     trainer = Trainer(equivalence_config(parallel), ps)
     rows = GLOBAL_BATCH // ps.dp_size
-    history = []
+    history, aux = [], []
     for tokens in global_batches():
         local = tokens[ps.dp_rank * rows:(ps.dp_rank + 1) * rows]
         metrics = trainer.train_step(lm_batch(local))
         history.append((metrics["loss"], metrics["grad_norm"]))
-    return {"history": history, "params": full_parameters(trainer), "state_bytes": trainer.optimizer.state_bytes()}
+        aux.append(metrics["moe_aux_loss"])
+    # the aux-loss metric is that of the last micro-batch, which the last dp rank shares with one process
+    return {"history": history, "aux": aux if ps.dp_rank == ps.dp_size - 1 else None, "params": full_parameters(trainer)}
 
 
 def train_worker(rank: int, world: int, parallel: dict) -> dict:
@@ -79,6 +82,8 @@ def assert_matches_reference(results: list) -> None:
         for step, ((loss, norm), (ref_loss, ref_norm)) in enumerate(zip(out["history"], ref["history"])):
             assert abs(loss - ref_loss) <= RTOL * abs(ref_loss), f"rank {rank} step {step}: loss {loss} != {ref_loss}"
             assert abs(norm - ref_norm) <= RTOL * abs(ref_norm), f"rank {rank} step {step}: grad norm {norm} != {ref_norm}"
+        if out["aux"] is not None:
+            assert out["aux"] == pytest.approx(ref["aux"], rel=RTOL), f"rank {rank}: MoE aux-loss metric (mean over all layers)"
         for name, value in out["params"].items():
             assert name in ref["params"], f"rank {rank}: unexpected parameter {name}"
             err = rel_err(value, ref["params"][name])

@@ -144,9 +144,14 @@ class Trainer:
         return grad_norm, lr
 
     def moe_stats(self) -> dict:
+        """Aux loss of the last micro-batch, averaged over every MoE layer of the model.
+
+        Collective over pp (call on every rank): each stage holds only its own layers.
+        """
         layers = [m for c in self.chunks for m in c.moe_layers()]
-        aux = [m.last_stats["aux_loss"] for m in layers if m.last_stats.get("aux_loss") is not None]
-        return {"moe_aux_loss": float(torch.stack([torch.as_tensor(a) for a in aux]).mean())} if aux else {}
+        aux = [float(m.last_stats["aux_loss"]) for m in layers if m.last_stats.get("aux_loss") is not None]
+        total = all_reduce_no_grad(torch.tensor([sum(aux), len(aux)], dtype=torch.float64), self.ps.group("pp"))
+        return {"moe_aux_loss": float(total[0] / total[1])} if total[1] else {}
 
     # ------------------------------------------------------------------ checkpoints
     def layout_record(self) -> dict:
