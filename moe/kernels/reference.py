@@ -138,21 +138,22 @@ class _SwiGLU(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_NF):
+        # written in place into few buffers: on CPU each fresh [N, F] tensor costs page faults
         gate_up, weights_N = ctx.saved_tensors
         gate, up = gate_up.chunk(2, dim=1)
-        sig = torch.sigmoid(gate)
+        out = torch.empty_like(gate_up)
+        d_gate, d_up = out.chunk(2, dim=1)
+        sig = torch.sigmoid(gate, out=d_gate)
         silu = gate * sig
         d_weights = None
         if weights_N is not None and ctx.needs_input_grad[1]:
-            # sum_f g * silu * up as one batched [1, F] x [F, 1] product per row
-            d_weights = torch.bmm(grad_NF.unsqueeze(1), (silu * up).unsqueeze(2)).view(-1)
+            # sum_f g * silu * up as one batched [1, F] x [F, 1] product per row (d_up as scratch)
+            d_weights = torch.bmm(grad_NF.unsqueeze(1), torch.mul(silu, up, out=d_up).unsqueeze(2)).view(-1)
         grad_w = grad_NF if weights_N is None else grad_NF * weights_N.unsqueeze(1)
-        out = torch.empty_like(gate_up)
-        d_gate, d_up = out.chunk(2, dim=1)
         torch.mul(grad_w, silu, out=d_up)
         # d silu / d gate = sig * (1 + gate * (1 - sig)) = sig * (1 + gate - silu)
-        torch.mul(grad_w, up, out=d_gate)
-        d_gate.mul_(torch.sub(gate, silu).add_(1).mul_(sig))
+        torch.sub(gate, silu, out=silu).add_(1)
+        d_gate.mul_(silu).mul_(up).mul_(grad_w)
         return out, d_weights
 
 
