@@ -75,16 +75,21 @@ class _Dispatcher:
     def _unpermute(self, out_NH: torch.Tensor) -> torch.Tensor:
         return self.kernels.combine_rows(out_NH, self.slots_N, self.num_tokens, self.top_k)
 
+    @staticmethod
+    def _gather_tokens(x_TH: torch.Tensor, weights_TA: torch.Tensor, experts_TA: torch.Tensor, group) -> tuple:
+        """All-gather tokens and their routing over ``group`` (backward: reduce-scatter)."""
+        x_TH = gather_from_sequence_parallel_region(x_TH, group, 0)
+        weights_TA = gather_from_sequence_parallel_region(weights_TA, group, 0)
+        with torch.no_grad():
+            experts_TA = gather_from_sequence_parallel_region(experts_TA, group, 0)
+        return x_TH, weights_TA, experts_TA
+
 
 class AllToAllDispatcher(_Dispatcher):
     """Dropless all-to-all over ep with uneven splits (etp: gather / reduce-scatter)."""
 
     def dispatch_preprocess(self, x_TH: torch.Tensor, weights_TA: torch.Tensor, experts_TA: torch.Tensor) -> tuple:
-        etp_group = self.ps.group("etp")
-        x_TH = gather_from_sequence_parallel_region(x_TH, etp_group, 0)
-        weights_TA = gather_from_sequence_parallel_region(weights_TA, etp_group, 0)
-        with torch.no_grad():
-            experts_TA = gather_from_sequence_parallel_region(experts_TA, etp_group, 0)
+        x_TH, weights_TA, experts_TA = self._gather_tokens(x_TH, weights_TA, experts_TA, self.ps.group("etp"))
         self.slots_N, tokens_per_expert_E = self.kernels.sort_slots(experts_TA, self.num_experts)
         self.send_counts_E = tokens_per_expert_E
         return self._permute(x_TH, weights_TA)
@@ -130,11 +135,8 @@ class AllGatherDispatcher(_Dispatcher):
     """All-gather over etp x ep; each rank computes only the slots of its local experts."""
 
     def dispatch_preprocess(self, x_TH: torch.Tensor, weights_TA: torch.Tensor, experts_TA: torch.Tensor) -> tuple:
-        group = self.ps.group("expert_model_parallel")
-        x_TH = gather_from_sequence_parallel_region(x_TH, group, 0)
-        weights_TA = gather_from_sequence_parallel_region(weights_TA, group, 0)
+        x_TH, weights_TA, experts_TA = self._gather_tokens(x_TH, weights_TA, experts_TA, self.ps.group("expert_model_parallel"))
         with torch.no_grad():
-            experts_TA = gather_from_sequence_parallel_region(experts_TA, group, 0)
             local_TA = experts_TA - self.first_expert
             local_TA = torch.where((local_TA >= 0) & (local_TA < self.num_local_experts), local_TA, self.num_local_experts)
         self.slots_N, self.tokens_per_local_expert_L = self.kernels.sort_slots(local_TA, self.num_local_experts)
