@@ -1,5 +1,4 @@
 """Shared pieces of the rollout tests: tiny models and the no-cache greedy reference."""
-import pytest
 import torch
 
 from megatron_seed.model.gpt import GPTModel
@@ -9,15 +8,6 @@ from tests.model_utils import tiny_model
 
 SEED = 7
 PROMPTS = [[5, 6, 7], [9, 10, 11, 12, 13, 14, 15], [20, 21], [30, 31, 32, 33, 34]]
-
-
-@pytest.fixture
-def one_thread():
-    """One torch thread: on a shared, loaded CI box extra intra-op threads only contend."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def single_model(**changes) -> GPTModel:

@@ -19,15 +19,6 @@ def tiny_config():
                        moe=MoEConfig(num_experts=4, top_k=2, ffn_size=32))
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny matmuls on a shared 2-core machine: more threads only add contention."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def synthetic_pairs(n, seed):
     """The prompt names a letter; the chosen response answers with it, the rejected one with another letter."""
     rng = random.Random(seed)

@@ -1,7 +1,6 @@
 """Code sandbox: attacks end with reward 0, a reason and the host unharmed; correctness cases pass/fail right."""
 import os
 import socket
-import sys
 import threading
 import time
 

@@ -7,7 +7,6 @@ from megatron_seed.config import ConfigError, RolloutConfig
 from megatron_seed.parallel.state import ParallelState
 from rl.rollout.engine import RolloutEngine, kv_bytes_per_slot
 from rl.rollout.sampling import SamplingParams
-from tests.rollout_utils import one_thread  # noqa: F401 (fixture)
 from tests.rollout_utils import PROMPTS, greedy_reference, single_model, stop_token_for, trainer_log_probs
 
 GREEDY = SamplingParams(temperature=0.0)

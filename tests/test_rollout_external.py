@@ -12,7 +12,7 @@ from rl.rollout.engine import RolloutEngine
 from rl.rollout.external import ExternalEngine, ExternalEngineError, HTTPCompletionsEngine
 from rl.rollout.sampling import SamplingParams
 from tests.model_utils import tiny_model
-from tests.rollout_utils import PROMPTS, one_thread  # noqa: F401 (fixture)
+from tests.rollout_utils import PROMPTS
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 CFG = dataclasses.replace(tiny_model(), moe=MoEConfig(num_experts=4, top_k=2, ffn_size=16))  # exportable: no shared experts

@@ -17,7 +17,7 @@ smaller than the group size (e.g. 2 kv heads over tp=4): ranks then hold replica
 from __future__ import annotations
 
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -45,7 +45,6 @@ class Sharding:
     # the sequence under sequence parallel, or its attention heads): summed over tp by the
     # optimizer, once per step, before the data-parallel reduction.
     partial_tp_grad: bool = False
-    extra: dict = field(default_factory=dict)
 
 
 def set_sharding(
@@ -99,7 +98,7 @@ def replicas(param: torch.Tensor, ps: ParallelState) -> int:
     for d in sharding.dims:
         distinct *= d.shards
     per_stage = ps.layout.tp * ps.layout.cp * ps.layout.dp
-    return per_stage // distinct * sharding.extra.get("stages", 1)
+    return per_stage // distinct
 
 
 def _seed_for(seed: int, name: str) -> int:
