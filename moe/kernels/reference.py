@@ -138,22 +138,23 @@ class _SwiGLU(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_NF):
-        # written in place into few buffers: on CPU each fresh [N, F] tensor costs page faults
+        # Few passes, written in place into the one [N, 2F] output: on CPU each pass and each
+        # fresh buffer costs memory traffic (and page faults), and aten's fused silu_backward
+        # does d silu(x)/dx = sig(x) * (1 + x * (1 - sig(x))) in one pass.
         gate_up, weights_N = ctx.saved_tensors
         gate, up = gate_up.chunk(2, dim=1)
         out = torch.empty_like(gate_up)
         d_gate, d_up = out.chunk(2, dim=1)
-        sig = torch.sigmoid(gate, out=d_gate)
-        silu = gate * sig
+        torch.mul(grad_NF, F.silu(gate), out=d_up)  # g * silu(gate), weighted below
         d_weights = None
         if weights_N is not None and ctx.needs_input_grad[1]:
-            # sum_f g * silu * up as one batched [1, F] x [F, 1] product per row (d_up as scratch)
-            d_weights = torch.bmm(grad_NF.unsqueeze(1), torch.mul(silu, up, out=d_up).unsqueeze(2)).view(-1)
-        grad_w = grad_NF if weights_N is None else grad_NF * weights_N.unsqueeze(1)
-        torch.mul(grad_w, silu, out=d_up)
-        # d silu / d gate = sig * (1 + gate * (1 - sig)) = sig * (1 + gate - silu)
-        torch.sub(gate, silu, out=silu).add_(1)
-        d_gate.mul_(silu).mul_(up).mul_(grad_w)
+            # sum_f g * silu(gate) * up as one batched [1, F] x [F, 1] product per row
+            d_weights = torch.bmm(d_up.unsqueeze(1), up.unsqueeze(2)).view(-1)
+        torch.mul(grad_NF, up, out=d_gate)
+        if weights_N is not None:
+            d_up.mul_(weights_N.unsqueeze(1))
+            d_gate.mul_(weights_N.unsqueeze(1))
+        torch.ops.aten.silu_backward.grad_input(d_gate, gate, grad_input=d_gate)
         return out, d_weights
 
 
@@ -214,26 +215,16 @@ def _weight_grad(x_NK: torch.Tensor, grad_NO: torch.Tensor, w_EKO: torch.Tensor,
     """``dw[e] = x[rows of e]^T @ grad[rows of e]``, in ``w``'s storage layout.
 
     When ``w`` is a transposed view of ``[E, O, K]`` storage the gradient is computed as
-    ``[E, O, K]`` so it lands in that layout. On CPU one ``mm`` per expert on transposed
-    views (BLAS reads them in place, and ``torch._grouped_mm`` loops over experts there
-    too) saves the transposed copy; elsewhere ``torch._grouped_mm`` on a row-major copy.
+    ``[E, O, K]`` so it lands in that layout. ``torch._grouped_mm``'s 2-d x 2-d form takes
+    the transposed operand as a view on CPU (BLAS reads it in place); elsewhere it needs
+    a row-major copy.
     """
-    stored_transposed = w_EKO.stride(1) == 1
-    if x_NK.device.type == "cpu":
-        E, K, O = w_EKO.shape
-        dw = x_NK.new_empty((E, O, K) if stored_transposed else (E, K, O))
-        start = 0
-        for e, end in enumerate(offs_E.tolist()):
-            x_e, g_e = x_NK[start:end], grad_NO[start:end]
-            if stored_transposed:
-                torch.mm(g_e.t(), x_e, out=dw[e])
-            else:
-                torch.mm(x_e.t(), g_e, out=dw[e])
-            start = end
-        return dw.transpose(1, 2) if stored_transposed else dw
-    if stored_transposed:
-        return torch._grouped_mm(_transposed_copy(grad_NO), x_NK, offs=offs_E).transpose(1, 2)
-    return torch._grouped_mm(_transposed_copy(x_NK), grad_NO, offs=offs_E)
+    def lhs(a_NX: torch.Tensor) -> torch.Tensor:
+        return a_NX.t() if a_NX.device.type == "cpu" else _transposed_copy(a_NX)
+
+    if w_EKO.stride(1) == 1:
+        return torch._grouped_mm(lhs(grad_NO), x_NK, offs=offs_E).transpose(1, 2)
+    return torch._grouped_mm(lhs(x_NK), grad_NO, offs=offs_E)
 
 
 def grouped_mm(x_NK: torch.Tensor, w_EKO: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
