@@ -8,8 +8,10 @@ All three run side by side in one process, single thread, same weights and input
 * floor: the same matmul FLOPs as dense GEMMs, forward and backward: router
   ``[T, H] x [H, E]``, gate/up ``[T*A, H] x [H, 2F]``, down ``[T*A, F] x [F, H]``.
 
-Timed round-robin (noise on a shared machine hits all three alike). Prints the median time of each and the ratios HF/ours (target >= 1.3) and ours/floor
-(target <= 1.5). Usage: ``python benchmarks/bench_moe_layer.py [--repeats 15]``.
+Timed round-robin (noise on a shared machine hits all three alike). The process runs with
+the stack's host-allocator setting (:mod:`megatron_seed.host_allocator`, as the
+``megatron-seed`` command does) unless ``--glibc-malloc-defaults``; it applies to all three. Prints the median time of each and the ratios HF/ours (target >= 1.3) and ours/floor
+(target <= 1.5). Usage: ``python benchmarks/bench_moe_layer.py [--repeats 15] [--glibc-malloc-defaults]``.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from megatron_seed.config import ModelConfig, MoEConfig  # noqa: E402
+from megatron_seed.host_allocator import keep_freed_memory_in_heap  # noqa: E402
 from megatron_seed.parallel.sharding import init_parameters  # noqa: E402
 from megatron_seed.parallel.state import ParallelState  # noqa: E402
 from moe.layer import MoELayer  # noqa: E402
@@ -92,9 +95,11 @@ def floor_step(T: int, H: int, F: int, E: int, A: int):
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--glibc-malloc-defaults", action="store_true", help="leave glibc's mmap/trim thresholds as they are")
     args = parser.parse_args()
+    heap = "glibc defaults" if args.glibc_malloc_defaults or not keep_freed_memory_in_heap() else "freed memory kept in the heap"
     torch.set_num_threads(1)
-    print(f"torch {torch.__version__}, 1 thread, median of {args.repeats} repeats, forward+backward")
+    print(f"torch {torch.__version__}, 1 thread, median of {args.repeats} repeats, forward+backward, host allocator: {heap}")
     print(f"{'T':>5} {'H':>4} {'F':>4} {'E':>3} {'A':>2} | {'ours ms':>8} {'HF ms':>8} {'floor ms':>8} | {'HF/ours':>7} {'ours/floor':>10}")
     ok = True
     for T, H, F, E, A in SHAPES:

@@ -12,6 +12,7 @@ import sys
 from typing import Optional
 
 from megatron_seed.config import ConfigError
+from megatron_seed.host_allocator import keep_freed_memory_in_heap
 
 COMMANDS = {
     "params": ("megatron_seed.commands.params", "exact parameter counts of a preset or config"),
@@ -47,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[list] = None) -> int:
     args = build_parser().parse_args(argv)
+    keep_freed_memory_in_heap()  # CPU steps stop page-faulting: see megatron_seed/host_allocator.py
     try:
         return importlib.import_module(args._module).run(args) or 0
     except ConfigError as e:
