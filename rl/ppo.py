@@ -202,12 +202,15 @@ class PPOTrainer:
         """Fill old log-probs / values / reference log-probs, then advantages and returns; ``(batch, metrics)``."""
         check_experience(batch)
         batch = pad_columns(batch, self.ps.tp_size)
+        filled = {}
         if self.recompute_logprobs or "old_logprobs_BS" not in batch:
-            batch["old_logprobs_BS"] = self.policy_logprobs(self.actor, batch)
+            filled["old_logprobs_BS"] = self.policy_logprobs(self.actor, batch)
         if self.reference is not None:
-            batch["ref_logprobs_BS"] = self.policy_logprobs(self.reference, batch)
+            filled["ref_logprobs_BS"] = self.policy_logprobs(self.reference, batch)
         if "old_values_BS" not in batch:
-            batch["old_values_BS"] = self.critic_values(batch)
+            filled["old_values_BS"] = self.critic_values(batch)
+        # None on all but the last pipeline stage; a None entry would break the micro-batch split
+        batch.update({key: value for key, value in filled.items() if value is not None})
         metrics: dict = {}
         if self.ps.is_last_stage:
             mask_BS = batch["mask_BS"]

@@ -1,4 +1,4 @@
-"""PPO step: tp=2 and dp=2 equal one process; the first ratio is exactly 1; the update moves the policy the right way."""
+"""PPO step: tp=2, dp=2 and pp=2 equal one process; the first ratio is exactly 1; the update moves the policy the right way."""
 import dataclasses
 
 import numpy as np
@@ -83,13 +83,16 @@ def test_first_ratio_is_exactly_one(single):
 
 
 @pytest.mark.timeout(240)
-@pytest.mark.parametrize("parallel", [{"tp": 2}, {"dp": 2}], ids=["tp2", "dp2"])
+@pytest.mark.parametrize("parallel", [{"tp": 2}, {"dp": 2}, {"pp": 2}], ids=["tp2", "dp2", "pp2"])
 def test_parallel_ppo_step_equals_single_process(single, parallel):
     out = run_distributed(ppo_run, 2, parallel)
-    for rank_out in out:
-        for model in ("actor", "critic"):
-            for name, ref in single[model].items():
-                assert rel_err(rank_out[model][name], ref) <= 1e-5, (model, name)
+    for model in ("actor", "critic"):
+        held = [rank_out[model] for rank_out in out]  # under pp each rank holds its stage's parameters
+        for name, ref in single[model].items():
+            copies = [params[name] for params in held if name in params]
+            assert copies, (model, name)
+            for copy in copies:
+                assert rel_err(copy, ref) <= 1e-5, (model, name)
     # the logging rank holds the global metrics
     for key in ("actor/pg_loss", "actor/lm_loss", "critic/value_loss", "actor/clip_frac_high", "critic/explained_variance"):
         assert out[-1]["metrics"][key] == pytest.approx(single["metrics"][key], rel=1e-5, abs=1e-7), key
