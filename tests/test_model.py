@@ -1,7 +1,9 @@
-"""GPT-MoE model: shapes, causality, aux loss, KV cache, padding and packing masks."""
+"""GPT-MoE model: shapes, causality, aux loss, KV cache, padding and packing masks, inference fast paths."""
+import pytest
 import torch
 
 from megatron_seed.model.gpt import GPTModel
+from megatron_seed.model.layers import apply_rotary, rms_norm, rotary_cos_sin
 from megatron_seed.parallel.state import ParallelState
 from tests.model_utils import tiny_model
 
@@ -71,3 +73,65 @@ def test_packed_documents_do_not_attend_across():
     out = model(packed, position_ids_BS=pos, doc_ids_BS=doc)
     torch.testing.assert_close(out[:, :5], model(a), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out[:, 5:], model(b), rtol=1e-5, atol=1e-5)
+
+
+def test_cache_continued_by_multi_token_chunks_equals_full_forward():
+    model = build()
+    ids = torch.randint(0, 64, (2, 10))
+    cache = model.allocate_kv_cache(batch=2, capacity=12)
+    steps = [model(ids[:, :4], kv_cache=cache), model(ids[:, 4:7], kv_cache=cache), model(ids[:, 7:8], kv_cache=cache), model(ids[:, 8:], kv_cache=cache)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), model(ids), rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
+def test_decode_attention_equals_sdpa_on_a_padded_cache():
+    """The one-token matmul path (additive bias) against SDPA with the boolean mask, same cache."""
+    model = build()
+    prompt = torch.randint(1, 64, (2, 6))
+    padding = torch.tensor([[False, False] + [True] * 4, [True] * 6])
+    outs = []
+    for pad_decode in (False, True):  # a padding mask on a one-token step takes the SDPA path
+        cache = model.allocate_kv_cache(batch=2, capacity=10)
+        model(prompt, position_ids_BS=(padding.long().cumsum(1) - 1).clamp(min=0), padding_mask_BS=padding, kv_cache=cache)
+        step = [model(prompt[:, t:t + 1], kv_cache=cache, padding_mask_BS=torch.ones(2, 1, dtype=torch.bool) if pad_decode else None)
+                for t in range(3)]
+        outs.append(torch.cat(step, dim=1))
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-6, atol=1e-6)
+
+
+def test_fused_projections_match_and_are_dropped_after():
+    model = build()
+    ids = torch.randint(0, 64, (2, 7))
+    with torch.no_grad():
+        ref = model(ids)
+        with model.fused_projections():
+            fused = model(ids)
+            attn = model.layers["0"].self_attn
+            assert attn.qkv_weight is not None
+            with torch.enable_grad():  # a forward recording gradients ignores the copies
+                model(ids).sum().backward()
+    torch.testing.assert_close(fused, ref, rtol=1e-6, atol=1e-6)
+    assert attn.qkv_weight is None and attn.qk_norm_weight is None
+    assert attn.q_proj.weight.grad is not None and attn.k_proj.weight.grad is not None
+
+
+def test_rms_norm_and_rotary_equal_the_reference_formulas():
+    x = torch.randn(3, 5, 4, 8)
+    w = torch.randn(8)
+    ref = w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6))
+    torch.testing.assert_close(rms_norm(x, w, 1e-6), ref, rtol=1e-6, atol=1e-6)
+    pos = torch.arange(5).expand(3, 5)
+    cos, sin = rotary_cos_sin(pos, 8, 10000.0)
+    inv_freq = 1.0 / 10000.0 ** (torch.arange(0, 8, 2).float() / 8)
+    angle = torch.cat([pos[..., None] * inv_freq] * 2, dim=-1).unsqueeze(2)
+    x1, x2 = x.chunk(2, dim=-1)
+    expected = x * angle.cos() + torch.cat([-x2, x1], dim=-1) * angle.sin()
+    assert torch.equal(apply_rotary(x, cos, sin), expected)
+
+
+def test_packed_documents_with_a_cache_are_rejected():
+    model = build()
+    cache = model.allocate_kv_cache(batch=1, capacity=8)
+    with pytest.raises(ValueError, match="doc_ids_BS"):
+        model(torch.randint(0, 64, (1, 4)), doc_ids_BS=torch.zeros(1, 4, dtype=torch.long), kv_cache=cache)
+    assert cache.length == 0 and bool(torch.isinf(cache.bias_BL).all())  # left untouched

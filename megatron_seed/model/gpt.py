@@ -13,7 +13,8 @@ Logits stay split over the vocabulary (tp); see ``vocab_parallel_log_probs``.
 """
 from __future__ import annotations
 
-from typing import Optional
+import contextlib
+from typing import Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -99,6 +100,15 @@ class GPTModel(nn.Module):
         for m in self.moe_layers():
             m.aux_loss_scale = scale
 
+    @contextlib.contextmanager
+    def fused_projections(self) -> Iterator[None]:
+        """Inference only: every attention layer projects q, k, v with one GEMM on a copy of
+        its weights made on entry and dropped on exit (see ``Attention.fused_projections``)."""
+        with contextlib.ExitStack() as stack:
+            for layer in self.layers.values():
+                stack.enter_context(layer.self_attn.fused_projections())
+            yield
+
     def allocate_kv_cache(self, batch: int, capacity: int, dtype: torch.dtype = torch.float32, device: Optional[torch.device] = None) -> KVCache:
         attn = next(iter(self.layers.values())).self_attn
         device = device or next(self.parameters()).device
@@ -131,11 +141,13 @@ class GPTModel(nn.Module):
             position_ids_BS = torch.arange(start, start + S, device=device).expand(B, S)
         cos_sin = rotary_cos_sin(position_ids_BS, self.cfg.head_dim, self.cfg.rope_theta)
         mask = build_attention_mask(S, device, padding_mask_BS, doc_ids_BS, kv_cache)
+        if kv_cache is not None:
+            kv_cache.open_slots(S, padding_mask_BS)
         x_BSH = self.embed_tokens(input_ids_BS) if self.pre_process else hidden_BSH
         for layer in self.layers.values():
             x_BSH = layer(x_BSH, cos_sin, mask, kv_cache)
         if kv_cache is not None:
-            self.advance_cache(kv_cache, S, padding_mask_BS)
+            kv_cache.advance(S)
         if not self.post_process:
             return x_BSH
         h_BSH = self.norm(x_BSH)
@@ -144,10 +156,3 @@ class GPTModel(nn.Module):
         if self.lm_head is not None:
             return self.lm_head(h_BSH)
         return F.linear(column_parallel_input(h_BSH, self.ps), self.embed_tokens.weight)
-
-    @staticmethod
-    def advance_cache(cache: KVCache, S: int, padding_mask_BS: Optional[torch.Tensor]) -> None:
-        """Mark the S slots just written as valid (or as padding) and move the cursor."""
-        end = cache.length + S
-        cache.valid_BL[:, cache.length:end] = True if padding_mask_BS is None else padding_mask_BS
-        cache.length = end
