@@ -1,4 +1,4 @@
-"""Rollout under tp=2 (with and without sequence parallel), ep=2 and pp=2 equals one process."""
+"""Rollout under tp=2 (with and without sequence parallel, kv heads split or replicated at tp=4), ep=2 and pp=2 equals one process."""
 import pytest
 import torch
 
@@ -44,6 +44,16 @@ def _tp_worker(rank: int, world: int, sequence_parallel: bool) -> bool:
         assert par.responses() == ref.responses()
         _assert_rel(par.log_probs_BS, ref.log_probs_BS, ref.response_mask_BS)
     assert ps.sequence_parallel == sequence_parallel  # restored after generation
+    return True
+
+
+def _tp_replicated_kv_worker(rank: int, world: int) -> bool:
+    """2 kv heads under tp=4: every rank keeps the full k/v weights and fuses the rows of its head."""
+    model, ps = _build(ParallelConfig(tp=4))
+    single = single_model()
+    out = _engine(model, ps, []).generate(PROMPTS, n=1, sampling=GREEDY, max_new_tokens=MAX_NEW)
+    assert out.responses() == [greedy_reference(single, p, MAX_NEW, []) for p in PROMPTS]
+    _assert_rel(out.log_probs_BS, trainer_log_probs(single, out, ParallelState.single()), out.response_mask_BS)
     return True
 
 
@@ -99,6 +109,11 @@ def _mixed_worker(rank: int, world: int, layout: dict) -> bool:
 @pytest.mark.parametrize("sequence_parallel", [False, True])
 def test_tp2_equals_single_process(sequence_parallel):
     assert run_distributed(_tp_worker, 2, sequence_parallel) == [True, True]
+
+
+@pytest.mark.timeout(240)
+def test_tp4_with_replicated_kv_heads_equals_single_process():
+    assert run_distributed(_tp_replicated_kv_worker, 4) == [True] * 4
 
 
 @pytest.mark.timeout(240)

@@ -82,14 +82,17 @@ def _one_chunk(model: Optional[ModelArg], what: str) -> Optional[GPTModel]:
 def generation_mode(models: Sequence[GPTModel], ps: ParallelState) -> Iterator[None]:
     """``torch.inference_mode`` (no autograd bookkeeping at all: ~10% less per-op overhead than
     ``no_grad`` at decode sizes), eval mode (routers neither count load for bias balancing nor
-    compute balancing losses), sequence parallel off."""
+    compute balancing losses), sequence parallel off, and q/k/v projected by one GEMM on
+    weights concatenated for this generation (``GPTModel.fused_projections``)."""
     training = [m.training for m in models]
     sequence_parallel = ps.sequence_parallel
     ps.sequence_parallel = False
     for m in models:
         m.eval()
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), contextlib.ExitStack() as stack:
+            for m in models:
+                stack.enter_context(m.fused_projections())
             yield
     finally:
         ps.sequence_parallel = sequence_parallel
@@ -168,6 +171,7 @@ class RolloutEngine:
             raise ConfigError("rollout: no stop tokens; pass stop_ids=[eos, end_of_turn] or a tokenizer")
         self.device = next(self.policy.parameters()).device
         self.stop_ids = torch.tensor(sorted(set(int(i) for i in stop_ids)), dtype=torch.long, device=self.device)
+        self.stop_set = frozenset(int(i) for i in stop_ids)  # per-step checks on the host copy of the tokens
         self.pad_id = int(pad_id if pad_id is not None else (tokenizer.pad_id if tokenizer is not None else self.stop_ids[0]))
         self.generator = torch.Generator().manual_seed(seed)
         self.lockstep = ps.ep_size * ps.etp_size > 1 and dist.is_initialized()
@@ -379,23 +383,29 @@ class RolloutEngine:
         return packet
 
     def _apply(self, chunk: _Chunk, packet: torch.Tensor, max_new: int, results: _Results) -> bool:
-        """Store the sampled tokens, drop ended rows from the batch and caches; True when the chunk is done."""
-        tokens_B = packet[0].long()
+        """Store the sampled tokens, drop ended rows from the batch and caches; True when the chunk is done.
+
+        The packet crosses to the host once (``tolist``) and the stop checks and row bookkeeping
+        run on those Python lists: one host sync a step, no small device ops for the checks.
+        """
         chunk.steps += 1
-        for row, token, log_prob, value in zip(chunk.rows, *packet.tolist()):
+        tokens, log_probs, values = packet.tolist()
+        stopped = [int(t) in self.stop_set for t in tokens]
+        for row, token, log_prob, value in zip(chunk.rows, tokens, log_probs, values):
             results.add(row, int(token), log_prob, value)
-        stopped_B = torch.isin(tokens_B, self.stop_ids)
         if chunk.steps >= max_new:
-            for b, row in enumerate(chunk.rows):
-                results.finish[row] = FINISH_STOP if stopped_B[b] else FINISH_LENGTH
+            for row, stop in zip(chunk.rows, stopped):
+                results.finish[row] = FINISH_STOP if stop else FINISH_LENGTH
             return True
-        for b in stopped_B.nonzero().flatten().tolist():
-            results.finish[chunk.rows[b]] = FINISH_STOP
-        if bool(stopped_B.all()):
+        for row, stop in zip(chunk.rows, stopped):
+            if stop:
+                results.finish[row] = FINISH_STOP
+        if all(stopped):
             return True
-        if bool(stopped_B.any()):
-            keep = (~stopped_B).nonzero().flatten()
-            keep_list = keep.tolist()
+        tokens_B = packet[0].long()
+        if any(stopped):
+            keep_list = [b for b, stop in enumerate(stopped) if not stop]
+            keep = torch.tensor(keep_list, device=self.device)
             chunk.cache.select(keep)
             if chunk.critic_cache is not None:
                 chunk.critic_cache.select(keep)
