@@ -25,6 +25,8 @@ which the trainer sets to ``1 / num_microbatches``); ``last_stats`` holds the de
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import nn
 
@@ -52,7 +54,9 @@ class MoELayer(nn.Module):
         self.aux_loss_scale: float = 1.0
         self.last_stats: dict = {}
 
-    def forward(self, x_BSH: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_BSH: torch.Tensor, valid_BS: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``valid_BS`` (True = real token, the full sequence even under sequence parallel) keeps
+        padding out of the balancing statistics; padding is still routed and computed."""
         ps = self.ps
         split_tokens = ps.tp_size > 1 and not ps.sequence_parallel
         if split_tokens and x_BSH.shape[1] % ps.tp_size:
@@ -63,7 +67,9 @@ class MoELayer(nn.Module):
             split_tokens = False
         x_local = scatter_to_sequence_parallel_region(x_BSH, ps.tp_group, 1) if split_tokens else x_BSH
         B, S, H = x_local.shape
-        routing = self.router(x_local, self.aux_loss_scale)
+        if valid_BS is not None and (split_tokens or ps.sequence_parallel):
+            valid_BS = valid_BS[:, ps.tp_rank * S : (ps.tp_rank + 1) * S]  # this rank's sequence chunk
+        routing = self.router(x_local, self.aux_loss_scale, valid_BS)
         kernels = ops(resolve_backend(self.moe_cfg.kernel_backend, x_BSH.device))
         dispatcher = build_dispatcher(self.moe_cfg.dispatcher, self.moe_cfg.num_experts, self.moe_cfg.top_k, ps, kernels)
         rows_NH, tokens_per_expert_L, weights_N = dispatcher.token_dispatch(x_local.reshape(-1, H), routing.weights_TA, routing.experts_TA)

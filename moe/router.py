@@ -12,6 +12,9 @@ experts, ``A`` top-k slots.
   scores normalised per token), over the micro-batch (``micro_batch``) or per sequence and
   averaged over sequences (``sequence``). Balanced routing gives 1.
 * Z loss: ``L_z = mean_t logsumexp(logits_t)^2``.
+* Padding (``valid_BS`` False) is still routed, but counts nowhere: not in ``T``, the
+  counts, ``P_e``, the z-loss mean, the logged loads or the balancing bias's load, so a
+  padded batch balances and logs like its real tokens alone.
 * The gradients of ``aux_loss_coef * L_aux + z_loss_coef * L_z`` reach the router through
   :class:`AuxLossAutoScaler` attached to the routing weights; callers add nothing.
 * Aux-loss-free balancing (``bias_update_rate > 0``): :meth:`Router.update_expert_bias`
@@ -28,6 +31,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -108,7 +112,8 @@ class Router(nn.Module):
             self.register_buffer("expert_bias", torch.zeros(cfg.num_experts, dtype=torch.float32))
             self.register_buffer("expert_load", torch.zeros(cfg.num_experts, dtype=torch.float32), persistent=False)
 
-    def forward(self, x_BSH: torch.Tensor, aux_loss_scale: float = 1.0) -> Routing:
+    def forward(self, x_BSH: torch.Tensor, aux_loss_scale: float = 1.0, valid_BS: Optional[torch.Tensor] = None) -> Routing:
+        """Route the local tokens; ``valid_BS`` (True = real token, local shard) keeps padding out of the statistics."""
         B, S, H = x_BSH.shape
         cfg = self.cfg
         logits_TE = F.linear(x_BSH.reshape(-1, H).to(self.dtype), self.weight.to(self.dtype))
@@ -117,11 +122,13 @@ class Router(nn.Module):
         weights_TA, experts_TA, scores_TE = kernels.topk_routing(
             logits_TE, self.top_k, cfg.score_function, cfg.norm_topk_prob, bias, cfg.num_groups, cfg.top_groups
         )
-        tokens_per_expert_E = torch.bincount(experts_TA.reshape(-1), minlength=self.num_experts)
+        valid_T = None if valid_BS is None else valid_BS.reshape(-1).to(torch.bool)
+        counted_TA = experts_TA if valid_T is None else experts_TA[valid_T]
+        tokens_per_expert_E = torch.bincount(counted_TA.reshape(-1), minlength=self.num_experts)
         if self.balance_bias and self.training:
             self.expert_load += tokens_per_expert_E.float()
         if self.training or torch.is_grad_enabled():
-            loss, aux_loss, z_loss = self._losses(logits_TE, scores_TE, experts_TA, B)
+            loss, aux_loss, z_loss = self._losses(logits_TE, scores_TE, experts_TA, B, valid_T)
         else:  # inference (rollout decode): no gradient to feed; skip ~20 small ops and a collective per layer
             loss, aux_loss, z_loss = None, logits_TE.new_zeros(()), logits_TE.new_zeros(())
         if loss is not None and torch.is_grad_enabled():
@@ -130,8 +137,13 @@ class Router(nn.Module):
             experts_TA = apply_capacity(weights_TA, experts_TA, self.num_experts, cfg.capacity_factor)
         return Routing(weights_TA, experts_TA, tokens_per_expert_E, aux_loss, z_loss)
 
-    def _losses(self, logits_TE: torch.Tensor, scores_TE: torch.Tensor, experts_TA: torch.Tensor, B: int) -> tuple:
-        """(differentiable local share of the weighted losses or None, L_aux, L_z) for the micro-batch."""
+    def _losses(self, logits_TE: torch.Tensor, scores_TE: torch.Tensor, experts_TA: torch.Tensor, B: int,
+                valid_T: Optional[torch.Tensor]) -> tuple:
+        """(differentiable local share of the weighted losses or None, L_aux, L_z) for the micro-batch.
+
+        Per statistics row ``r`` with ``n_r > 0`` real tokens (over all ranks), ``R`` such rows:
+        ``L_aux = sum_r E / (A * n_r^2 * R) * sum_e count_{r,e} * prob_sum_{r,e}``.
+        """
         cfg, E, A = self.cfg, self.num_experts, self.top_k
         use_aux = cfg.aux_loss_type != "none" and cfg.aux_loss_coef > 0
         use_z = cfg.z_loss_coef > 0
@@ -140,27 +152,29 @@ class Router(nn.Module):
             return None, zero, zero
         T = logits_TE.shape[0]
         rows = B if cfg.aux_loss_type == "sequence" else 1  # rows of statistics: sequences or the micro-batch
+        weight_T = logits_TE.new_ones(T) if valid_T is None else valid_T.to(logits_TE.dtype)
         if use_aux:
             probs_TE = scores_TE if cfg.score_function == "softmax" else scores_TE / scores_TE.sum(-1, keepdim=True)
-            prob_sum_RE = probs_TE.view(rows, T // rows, E).sum(1)
-            counts_RE = torch.zeros(rows, E, device=logits_TE.device).scatter_add_(
-                1, experts_TA.view(rows, -1), torch.ones(experts_TA.numel(), device=logits_TE.device).view(rows, -1)
-            )
+            prob_sum_RE = (probs_TE * weight_T.unsqueeze(1)).view(rows, T // rows, E).sum(1)
+            counts_RE = logits_TE.new_zeros(rows, E).scatter_add_(1, experts_TA.view(rows, -1), weight_T.repeat_interleave(A).view(rows, -1))
         else:
             prob_sum_RE = counts_RE = logits_TE.new_zeros(rows, E)
-        lse_sq_sum = torch.logsumexp(logits_TE, dim=-1).square().sum() if use_z else zero
-        packet = torch.cat([counts_RE.flatten(), prob_sum_RE.detach().flatten(), lse_sq_sum.detach().view(1), zero.new_full((1,), T)])
+        lse_sq_sum = (torch.logsumexp(logits_TE, dim=-1).square() * weight_T).sum() if use_z else zero
+        tokens_R = weight_T.view(rows, -1).sum(1)
+        packet = torch.cat([counts_RE.flatten(), prob_sum_RE.detach().flatten(), lse_sq_sum.detach().view(1), tokens_R])
         for group in token_groups(self.ps):
             all_reduce_no_grad(packet, group)
         n = rows * E
-        counts_g, prob_sum_g, lse_sq_g, tokens_g = packet[:n].view(rows, E), packet[n : 2 * n].view(rows, E), packet[2 * n], packet[-1]
-        per_row = tokens_g / rows  # tokens per statistics row, over all ranks
-        aux_norm = E / (A * per_row * per_row * rows)
+        counts_g, prob_sum_g, lse_sq_g, tokens_g_R = packet[:n].view(rows, E), packet[n : 2 * n].view(rows, E), packet[2 * n], packet[2 * n + 1 :]
+        # a row of padding only has no statistics: it contributes 0 (not NaN) and is not averaged over
+        rows_with_tokens = (tokens_g_R > 0).sum().clamp_min(1)
+        aux_norm_R1 = (E / (A * tokens_g_R.clamp_min(1).square() * rows_with_tokens)).unsqueeze(1)
+        tokens_g = tokens_g_R.sum().clamp_min(1)
         local = zero
         aux_loss = z_loss = zero
         if use_aux:
-            local = local + cfg.aux_loss_coef * aux_norm * (counts_g * prob_sum_RE).sum()
-            aux_loss = aux_norm * (counts_g * prob_sum_g).sum()
+            local = local + cfg.aux_loss_coef * (aux_norm_R1 * counts_g * prob_sum_RE).sum()
+            aux_loss = (aux_norm_R1 * counts_g * prob_sum_g).sum()
         if use_z:
             local = local + cfg.z_loss_coef * lse_sq_sum / tokens_g
             z_loss = lse_sq_g / tokens_g

@@ -111,6 +111,45 @@ def test_aux_and_z_losses_reach_the_router_gradient(aux_type: str) -> None:
     assert layer.last_stats["z_loss"].item() == pytest.approx(z.item(), rel=1e-5)
 
 
+@pytest.mark.parametrize("aux_type", ["micro_batch", "sequence"])
+def test_padding_counts_in_no_statistic(aux_type: str) -> None:
+    """A padded batch gives the losses, router gradient and loads of its real tokens alone."""
+    torch.manual_seed(4)
+    layer = _layer(aux_loss_coef=0.5, z_loss_coef=0.1, aux_loss_type=aux_type)
+    x = torch.randn(3, 6, 32)
+    valid = torch.ones(3, 6, dtype=torch.bool)
+    valid[0, 4:] = False  # right padding
+    valid[1, :2] = False  # left padding
+    valid[2] = False  # a row of padding only
+    (layer(x, valid) * valid.unsqueeze(-1)).sum().backward()
+    padded = {k: v.clone() for k, v in layer.last_stats.items()}
+    padded_grad = layer.router.weight.grad.clone()
+
+    layer.zero_grad()
+    if aux_type == "sequence":  # the real rows, each with only its real tokens: run them one at a time
+        grads, stats = [], []
+        for row in range(2):
+            real = x[row, valid[row]].unsqueeze(0)
+            layer.zero_grad()
+            layer(real).sum().backward()
+            grads.append(layer.router.weight.grad.clone())
+            stats.append(dict(layer.last_stats))
+        # mean over sequences of the aux loss; the z-loss is a mean over all real tokens
+        n0, n1 = int(valid[0].sum()), int(valid[1].sum())
+        aux = (stats[0]["aux_loss"] + stats[1]["aux_loss"]) / 2
+        assert padded["aux_loss"].item() == pytest.approx(aux.item(), rel=1e-5)
+        z = (stats[0]["z_loss"] * n0 + stats[1]["z_loss"] * n1) / (n0 + n1)
+        assert padded["z_loss"].item() == pytest.approx(z.item(), rel=1e-5)
+        torch.testing.assert_close(padded["tokens_per_expert"], stats[0]["tokens_per_expert"] + stats[1]["tokens_per_expert"])
+        return
+    real = x[valid].unsqueeze(0)
+    layer(real).sum().backward()
+    for key in ("aux_loss", "z_loss"):
+        assert padded[key].item() == pytest.approx(layer.last_stats[key].item(), rel=1e-5), key
+    torch.testing.assert_close(padded["tokens_per_expert"], layer.last_stats["tokens_per_expert"])
+    torch.testing.assert_close(padded_grad, layer.router.weight.grad, rtol=1e-5, atol=1e-7)
+
+
 def test_sigmoid_routing_with_groups_and_bias() -> None:
     torch.manual_seed(3)
     logits = torch.randn(10, 8)

@@ -1,4 +1,4 @@
-"""Parallel equals serial for the MoE layer: ep, ep x tp (sequence parallel), etp, both dispatchers.
+"""Parallel equals serial for the MoE layer: ep, ep x tp (sequence parallel), etp, both dispatchers, with padding.
 
 Every rank builds the one-process layer with the same seed as a reference and runs it on
 every data-parallel micro-batch; the parallel layer runs on this rank's share. Outputs and
@@ -20,13 +20,13 @@ from moe.layer import MoELayer
 
 B, S, H = 2, 8, 16
 SEED = 7
-SCENARIOS = ("random", "one_expert_gets_all", "half_the_experts_empty")
+SCENARIOS = ("random", "one_expert_gets_all", "half_the_experts_empty", "padded")
 
 
 def _config(scenario: str, dispatcher: str) -> ModelConfig:
     moe = MoEConfig(
         num_experts=8, top_k=2, ffn_size=8, num_shared_experts=1, shared_ffn_size=8, dispatcher=dispatcher,
-        aux_loss_coef=0.01, z_loss_coef=0.001, aux_loss_type="sequence" if scenario == "random" else "micro_batch",
+        aux_loss_coef=0.01, z_loss_coef=0.001, aux_loss_type="sequence" if scenario in ("random", "padded") else "micro_batch",
     )
     return ModelConfig(hidden_size=H, moe=moe)
 
@@ -37,6 +37,16 @@ def _inputs(scenario: str, micro_batch: int) -> tuple:
     if scenario != "random":
         x[..., 0] = x[..., 0].abs() + 1.0  # a positive feature the router weights below key on
     return x, torch.randn(B, S, H, generator=gen)
+
+
+def _valid(scenario: str):
+    """Real-token mask of the full sequences (None: no padding): one row padded on both sides."""
+    if scenario != "padded":
+        return None
+    valid = torch.ones(B, S, dtype=torch.bool)
+    valid[0, :3] = False
+    valid[0, -1] = False
+    return valid
 
 
 def _build(cfg: ModelConfig, ps: ParallelState, scenario: str) -> MoELayer:
@@ -66,7 +76,7 @@ def _worker(rank: int, world: int, layout: dict, dispatcher: str) -> dict:
         for d in range(ps.dp_size):
             x, g = _inputs(scenario, d)
             x.requires_grad_(True)
-            y = ref(x)
+            y = ref(x, _valid(scenario))
             y.backward(g)
             ref_out[d] = (y.detach(), x.grad, ref.last_stats["aux_loss"], ref.last_stats["z_loss"])
         ref_grads = {n: p.grad for n, p in ref.named_parameters()}
@@ -75,7 +85,7 @@ def _worker(rank: int, world: int, layout: dict, dispatcher: str) -> dict:
         x, g = _inputs(scenario, micro_batch)
         chunk = slice(tp_rank * S // tp, (tp_rank + 1) * S // tp) if ps.sequence_parallel else slice(None)
         x_local = x[:, chunk].clone().requires_grad_(True)
-        y = layer(x_local)
+        y = layer(x_local, _valid(scenario))
         y.backward(g[:, chunk])
         errors[f"{scenario}/output"] = _rel(y.detach(), ref_out[micro_batch][0][:, chunk])
         errors[f"{scenario}/input_grad"] = _rel(x_local.grad, ref_out[micro_batch][1][:, chunk])
