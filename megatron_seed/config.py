@@ -281,6 +281,15 @@ def load_config(
     return cfg
 
 
+def config_from_dict(data: dict, validate: bool = True) -> Config:
+    """The Config a ``Config.to_dict()`` came from (e.g. the one stored in a checkpoint's meta)."""
+    cfg = Config()
+    _merge(cfg, data, "")
+    if validate:
+        validate_config(cfg)
+    return cfg
+
+
 def save_config(cfg: Config, path: str) -> None:
     with open(path, "w") as f:
         yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)

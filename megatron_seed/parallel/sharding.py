@@ -7,7 +7,8 @@ initialised, and whether it is an expert weight. That single record drives
 * :func:`init_parameters`: every rank draws the full tensor from a generator seeded
   by (seed, parameter name) and keeps its shard, so values equal the one-process
   model under any layout;
-* :func:`gather_full` / :func:`shard_full`: checkpoints and parallel-equals-serial tests;
+* :func:`gather_full` / :func:`shard_full` / :func:`full_state_dict`: checkpoints, conversion,
+  weight syncs and parallel-equals-serial tests;
 * gradient reduction (dense over dp, experts over edp; tp first for ``partial_tp_grad``)
   and grad-norm counting.
 
@@ -89,6 +90,30 @@ def gather_full(param: torch.Tensor, ps: ParallelState) -> torch.Tensor:
         step = size // d.shards  # keep one replica per distinct shard
         out = torch.cat(parts[::step], dim=d.dim)
     return out
+
+
+def full_state_dict(modules: list, ps: ParallelState) -> Optional[dict]:
+    """The one-process state dict of a model held as ``modules`` (this rank's chunks), on global rank 0.
+
+    Collective over the world: every parameter is gathered to full shape inside its stage
+    (:func:`gather_full`, over tp / ep / etp); buffers are replicated and taken as they
+    are; then one rank per pipeline stage (dp, tp and cp rank 0) sends its stage's
+    entries to rank 0, which returns their union (layers keep their global names). Every
+    other rank returns None. The whole model passes through rank 0's memory.
+    """
+    local = {}
+    for module in modules:
+        params = dict(module.named_parameters())
+        for name, value in module.state_dict().items():
+            local[name] = gather_full(params[name], ps).clone() if name in params else value.detach().clone()
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return local
+    sender = ps.dp_rank == 0 and ps.tp_rank == 0 and ps.rank_in("cp") == 0
+    parts = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(local if sender else None, parts, dst=0)
+    if dist.get_rank() != 0:
+        return None
+    return {name: value for part in parts if part is not None for name, value in part.items()}
 
 
 def replicas(param: torch.Tensor, ps: ParallelState) -> int:
