@@ -135,6 +135,9 @@ class RolloutConfig:
     samples_per_prompt: int = 4
     kv_cache_budget_mb: float = 256.0
     engine: str = "native"  # native | external (vLLM / SGLang adapter)
+    external_url: Optional[str] = None  # engine=external: base URL of the completions server, e.g. http://host:8000
+    external_model: str = "default"  # engine=external: the model name the server serves
+    external_weights_dir: Optional[str] = None  # engine=external: a directory the trainer writes and the server reads
 
 
 @dataclass
@@ -447,6 +450,11 @@ def validate_config(cfg: Config) -> None:
     _positive("rollout.max_new_tokens", ro.max_new_tokens)
     _positive("rollout.samples_per_prompt", ro.samples_per_prompt)
     _one_of("rollout.engine", ro.engine, ("native", "external"))
+    if ro.engine == "external":
+        _require(bool(ro.external_url), "rollout.engine=external needs rollout.external_url (the vLLM / SGLang server, e.g. http://host:8000); "
+                 "fix: set it, or use rollout.engine=native")
+        _require(bool(ro.external_weights_dir), "rollout.engine=external needs rollout.external_weights_dir: a directory the trainer writes "
+                 "the policy's weights to after each update and the server reloads them from")
     if cfg.data.weights is not None:
         _require(
             len(cfg.data.weights) == len(cfg.data.train_data),

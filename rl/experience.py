@@ -194,10 +194,11 @@ def scoring_sample(record, response: str, response_tokens: Optional[int] = None)
 
 def sample_and_score(engine, records: Sequence, router, tokenizer, n: Optional[int] = None, system: Optional[str] = None) -> tuple:
     """Render each record's prompt with the chat template (after an optional ``system`` turn), sample
-    ``n`` responses per prompt with a :class:`rl.rollout.engine.RolloutEngine` and score them:
+    ``n`` responses per prompt with a rollout engine (:class:`rl.rollout.engine.RolloutEngine` or an
+    external one, :mod:`rl.rollout.external`) and score them:
     ``(rollout, results)`` with one ``RewardResult`` per rollout row."""
     rollout = engine.generate(render_prompts(records, tokenizer, system), n=n)
-    return rollout, score_rollout(rollout, records, router, tokenizer, engine.stop_ids.tolist())
+    return rollout, score_rollout(rollout, records, router, tokenizer, [int(i) for i in engine.stop_ids])
 
 
 def render_prompts(records: Sequence, tokenizer, system: Optional[str] = None) -> list:

@@ -13,6 +13,11 @@ update of actor and critic, update the domain weights from the step's rewards. E
 step logs reward, lengths, losses and domain weights to ``<save_dir>/metrics.jsonl``.
 Actor, critic and sampler state are checkpointed under ``<save_dir>/actor`` and
 ``<save_dir>/critic``; ``--resume`` continues from them.
+
+With ``rollout.engine=external`` responses come from a vLLM / SGLang server
+(``rollout.external_url``): the policy's weights are written to
+``rollout.external_weights_dir`` and reloaded by the server before the first rollout and
+after every PPO step, and the behaviour log-probs are recomputed by the trainer.
 """
 from __future__ import annotations
 
@@ -98,7 +103,10 @@ def rl_main(cfg, prompts_path, num_tasks: int, resume: bool) -> int:
     from rl.adaptation import DomainSampler, split_by_domain
     from rl.experience import from_rollout, sample_and_score
     from rl.ppo import PPOTrainer, init_critic_from_actor, rl_trainer_config
+    from data.chat import ChatTemplate
+    from megatron_seed.parallel.sharding import full_state_dict
     from rl.rollout.engine import RolloutEngine, local_prompts
+    from rl.rollout.external import HTTPCompletionsEngine, OneQueryPerReplica
     from rl.value_pretrain import value_pretrain
 
     rank, world = init_distributed(cfg.parallel.backend)
@@ -147,8 +155,14 @@ def rl_main(cfg, prompts_path, num_tasks: int, resume: bool) -> int:
             _load_weights(reference, cfg.train.load_dir, rank, actor.layout_record())
 
     router = build_router(cfg)
-    engine = RolloutEngine(actor.chunks, ps, cfg.rollout, tokenizer=tokenizer, seed=cfg.train.seed + start)
-    ppo = PPOTrainer(actor, critic, r, reference=reference)
+    external = cfg.rollout.engine == "external"
+    if external:
+        # behaviour log-probs come from the server's kernels: recompute them with the trainer so PPO's ratio starts at 1
+        engine = OneQueryPerReplica(HTTPCompletionsEngine.from_config(cfg.rollout, cfg.model, ChatTemplate(tokenizer).stop_ids, tokenizer.pad_id), ps)
+        engine.sync_weights_from(full_state_dict(actor.chunks, ps))
+    else:
+        engine = RolloutEngine(actor.chunks, ps, cfg.rollout, tokenizer=tokenizer, seed=cfg.train.seed + start)
+    ppo = PPOTrainer(actor, critic, r, reference=reference, recompute_logprobs=external)
     logger = MetricsLogger(os.path.join(save_dir, "metrics.jsonl"), enabled=actor.is_logging_rank)
 
     def rollout_batch() -> tuple:
@@ -165,6 +179,8 @@ def rl_main(cfg, prompts_path, num_tasks: int, resume: bool) -> int:
         for step in range(start, r.steps):
             mine, batch, rewards, correct = rollout_batch()
             metrics = ppo.step(batch)
+            if external:  # the server generates the next step with the updated policy
+                engine.sync_weights_from(full_state_dict(actor.chunks, ps))
             by_reward, by_correct = _gather_domain_rewards(mine, rewards, correct, n, ps)
             metrics.update(sampler.update(by_reward, by_correct))
             logger.log(step + 1, metrics)

@@ -25,7 +25,10 @@ import json
 import urllib.request
 from typing import Callable, Optional, Protocol, Sequence, runtime_checkable
 
-from megatron_seed.config import ModelConfig
+import torch.distributed as dist
+
+from megatron_seed.config import ModelConfig, RolloutConfig
+from megatron_seed.parallel.state import ParallelState
 from rl.rollout.outputs import FINISH_LENGTH, FINISH_STOP, RolloutBatch, assemble
 from rl.rollout.sampling import SamplingParams
 
@@ -40,10 +43,14 @@ class ExternalEngineError(RuntimeError):
 class ExternalEngine(Protocol):
     """What the RL loop needs from any rollout engine other than the in-process one."""
 
+    stop_ids: Sequence[int]
+
     def generate(
-        self, prompts: Sequence[Sequence[int]], n: int, sampling: SamplingParams, max_new_tokens: int
+        self, prompts: Sequence[Sequence[int]], n: Optional[int] = None, sampling: Optional[SamplingParams] = None,
+        max_new_tokens: Optional[int] = None,
     ) -> RolloutBatch:
-        """``n`` continuations of every prompt, rows prompt-major, as a RolloutBatch (values None)."""
+        """``n`` continuations of every prompt, rows prompt-major, as a RolloutBatch (values None);
+        unset arguments come from the engine's ``RolloutConfig``."""
 
     def sync_weights(self, state_dict: dict) -> None:
         """Make the engine generate with these (full, unsharded) weights from now on."""
@@ -78,10 +85,18 @@ class HTTPCompletionsEngine:
         weights_dir: Optional[str] = None,
         reload_path: str = "/update_weights_from_disk",
         transport: Transport = post_json,
+        defaults: Optional[RolloutConfig] = None,
     ):
         self.base_url, self.model_name, self.model_cfg = base_url.rstrip("/"), model_name, model_cfg
         self.stop_ids, self.pad_id = [int(i) for i in stop_ids], int(pad_id)
         self.weights_dir, self.reload_path, self.transport = weights_dir, reload_path, transport
+        self.defaults = defaults or RolloutConfig()
+
+    @classmethod
+    def from_config(cls, rollout: RolloutConfig, model_cfg: ModelConfig, stop_ids: Sequence[int], pad_id: int) -> "HTTPCompletionsEngine":
+        """The adapter of ``rollout.engine=external`` (``rollout.external_url`` / ``_model`` / ``_weights_dir``)."""
+        return cls(rollout.external_url, rollout.external_model, model_cfg, stop_ids, pad_id, rollout.external_weights_dir,
+                   defaults=rollout)
 
     def request(self, prompts: Sequence[Sequence[int]], n: int, sampling: SamplingParams, max_new_tokens: int) -> dict:
         """The completions request body (greedy = temperature 0)."""
@@ -98,7 +113,11 @@ class HTTPCompletionsEngine:
             "return_tokens_as_token_ids": True,
         }
 
-    def generate(self, prompts: Sequence[Sequence[int]], n: int, sampling: SamplingParams, max_new_tokens: int) -> RolloutBatch:
+    def generate(self, prompts: Sequence[Sequence[int]], n: Optional[int] = None, sampling: Optional[SamplingParams] = None,
+                 max_new_tokens: Optional[int] = None) -> RolloutBatch:
+        n = self.defaults.samples_per_prompt if n is None else n
+        sampling = sampling or SamplingParams.from_config(self.defaults)
+        max_new_tokens = self.defaults.max_new_tokens if max_new_tokens is None else max_new_tokens
         reply = self.transport(f"{self.base_url}/v1/completions", self.request(prompts, n, sampling, max_new_tokens))
         choices = sorted(reply.get("choices", []), key=lambda c: c["index"])
         if len(choices) != len(prompts) * n:
@@ -128,3 +147,32 @@ class HTTPCompletionsEngine:
         reply = self.transport(f"{self.base_url}{self.reload_path}", {"model_path": self.weights_dir})
         if reply.get("success") is False:
             raise ExternalEngineError(f"server refused the weight reload: {reply.get('message', reply)}")
+
+
+class OneQueryPerReplica:
+    """An external engine shared by the model-parallel (tp x pp) ranks of one data-parallel replica.
+
+    Those ranks train on the same rows, so they must see the same rollouts: the replica's
+    first rank queries the server and broadcasts the batch to the others (each dp replica
+    still sends its own prompts). Weight syncs go through :meth:`sync_weights_from`.
+    """
+
+    def __init__(self, engine: ExternalEngine, ps: ParallelState):
+        self.engine, self.ps = engine, ps
+        self.stop_ids = engine.stop_ids
+        self.leader = ps.global_rank("model_parallel", 0) if ps.size("model_parallel") > 1 else ps.rank
+
+    def generate(self, prompts: Sequence[Sequence[int]], n: Optional[int] = None, sampling: Optional[SamplingParams] = None,
+                 max_new_tokens: Optional[int] = None) -> RolloutBatch:
+        if self.ps.size("model_parallel") == 1:
+            return self.engine.generate(prompts, n, sampling, max_new_tokens)
+        box = [self.engine.generate(prompts, n, sampling, max_new_tokens) if self.ps.rank == self.leader else None]
+        dist.broadcast_object_list(box, src=self.leader, group=self.ps.group("model_parallel"))
+        return box[0]
+
+    def sync_weights_from(self, full_state: Optional[dict]) -> None:
+        """Collective: rank 0 (which holds ``full_state``, see ``full_state_dict``) pushes it; all wait for the reload."""
+        if full_state is not None:
+            self.engine.sync_weights(full_state)
+        if dist.is_initialized():
+            dist.barrier()
