@@ -150,6 +150,21 @@ def test_padding_counts_in_no_statistic(aux_type: str) -> None:
     torch.testing.assert_close(padded_grad, layer.router.weight.grad, rtol=1e-5, atol=1e-7)
 
 
+def test_model_passes_its_padding_mask_to_the_moe_layers() -> None:
+    from megatron_seed.model.gpt import GPTModel
+    from tests.model_utils import tiny_model
+
+    cfg = tiny_model()
+    model = GPTModel(cfg, ParallelState.single())
+    model.init_weights(0)
+    ids = torch.randint(0, cfg.vocab_size, (2, 7))
+    valid = torch.ones(2, 7, dtype=torch.bool)
+    valid[0, :3] = False
+    model(ids, padding_mask_BS=valid)
+    for layer in model.moe_layers():
+        assert int(layer.last_stats["tokens_per_expert"].sum()) == int(valid.sum()) * cfg.moe.top_k
+
+
 def test_sigmoid_routing_with_groups_and_bias() -> None:
     torch.manual_seed(3)
     logits = torch.randn(10, 8)

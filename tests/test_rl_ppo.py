@@ -11,7 +11,7 @@ from megatron_seed.parallel.sharding import gather_full
 from megatron_seed.parallel.spawn import run_distributed
 from megatron_seed.parallel.state import ParallelState
 from megatron_seed.train.trainer import Trainer
-from rl.experience import dp_shard, from_sequences, pad_columns
+from rl.experience import dp_shard, from_sequences
 from rl.ppo import PPOTrainer, init_critic_from_actor, rl_trainer_config
 from tests.model_utils import tiny_config, tiny_model
 
@@ -26,9 +26,9 @@ def synthetic_rollouts(seed: int = 0) -> dict:
     responses = [torch.randint(1, 64, (n,), generator=g).tolist() for n in lengths]
     rewards = [1.0, 0.0, 1.0, 0.0, 0.0, 1.0, 1.0, 0.0]
     truncated = [False, True, False, False, False, False, False, True]
-    # padded to an even length here, so every layout sees the same columns (padding tokens are routed by the MoE layers
-    # and take part in their aux loss, so a tp-padded batch is a different batch)
-    return pad_columns(from_sequences(prompts, responses, rewards, truncated=truncated), 2)
+    # left at its own width: under tp the PPO step pads columns to a multiple of tp, and padding changes nothing
+    # (masked out of attention, the losses and the MoE balancing statistics), so every layout trains the same batch
+    return from_sequences(prompts, responses, rewards, truncated=truncated)
 
 
 def ppo_config(parallel: dict, **rl):

@@ -40,9 +40,12 @@ class TransformerBlock(nn.Module):
         self.is_moe = layer_id >= cfg.num_dense_layers
         self.mlp = MoELayer(cfg, ps) if self.is_moe else SwiGLUMLP(cfg.hidden_size, cfg.dense_ffn_size, ps)
 
-    def forward(self, x_BSH: torch.Tensor, cos_sin: tuple, mask: Optional[torch.Tensor], cache: Optional[KVCache]) -> torch.Tensor:
+    def forward(self, x_BSH: torch.Tensor, cos_sin: tuple, mask: Optional[torch.Tensor], cache: Optional[KVCache],
+                valid_BS: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``valid_BS`` (True = real token): MoE layers keep padding out of their balancing statistics."""
         x_BSH = x_BSH + self.self_attn(self.input_layernorm(x_BSH), cos_sin, mask, cache)
-        return x_BSH + self.mlp(self.post_attention_layernorm(x_BSH))
+        h_BSH = self.post_attention_layernorm(x_BSH)
+        return x_BSH + (self.mlp(h_BSH, valid_BS) if self.is_moe else self.mlp(h_BSH))
 
 
 class ValueHead(nn.Module):
@@ -128,7 +131,8 @@ class GPTModel(nn.Module):
         ``input_ids_BS`` on the first stage, ``hidden_BSH`` (this stage's input, sequence-
         sharded under sequence parallel) on the others. ``position_ids_BS`` default to
         0..S-1 (continuing from the cache); ``doc_ids_BS`` keeps attention inside packed
-        documents; ``padding_mask_BS`` (True = real token) hides left padding.
+        documents; ``padding_mask_BS`` (True = real token) hides padding from attention and from
+        the MoE balancing statistics.
         """
         if self.pre_process:
             B, S = input_ids_BS.shape
@@ -145,7 +149,7 @@ class GPTModel(nn.Module):
             kv_cache.open_slots(S, padding_mask_BS)
         x_BSH = self.embed_tokens(input_ids_BS) if self.pre_process else hidden_BSH
         for layer in self.layers.values():
-            x_BSH = layer(x_BSH, cos_sin, mask, kv_cache)
+            x_BSH = layer(x_BSH, cos_sin, mask, kv_cache, padding_mask_BS)
         if kv_cache is not None:
             kv_cache.advance(S)
         if not self.post_process:
