@@ -9,7 +9,7 @@ copied. One ``generate`` call:
    (policy + critic caches, ``2 * layers * kv_heads * (P + max_new) * head_dim`` floats a
    row), so a batch that does not fit is generated in several chunks instead of crashing;
 3. per chunk: one prefill of the left-padded prompts (positions restart at 0 at each
-   prompt's first real token; ``valid_BL`` hides the padding), then one decode step per
+   prompt's first real token; the cache's ``bias_BL`` hides the padding), then one decode step per
    token. A row ends at a stop token (``"stop"``, the stop token is part of the response)
    or after ``max_new_tokens`` (``"length"``); finished rows leave the batch at once and
    the cache is compacted with ``KVCache.select``, so later steps only compute live rows;
@@ -101,10 +101,10 @@ def generation_mode(models: Sequence[GPTModel], ps: ParallelState) -> Iterator[N
 
 
 def kv_bytes_per_slot(model: GPTModel) -> int:
-    """Bytes one cache slot of one row takes on this rank: k and v of every local layer + the valid flag."""
+    """Bytes one cache slot of one row takes on this rank: k and v of every local layer + the slot's attention bias."""
     attn = next(iter(model.layers.values())).self_attn
     element = next(model.parameters()).element_size()
-    return 2 * len(model.layer_ids) * attn.num_kv_heads * attn.head_dim * element + 1
+    return (2 * len(model.layer_ids) * attn.num_kv_heads * attn.head_dim + 1) * element
 
 
 @dataclass
