@@ -9,7 +9,15 @@ by default, and throughput is reported per second of wall time and per second of
 process's CPU time: on a shared, loaded machine the CPU-time figure is the stable one
 (other processes' load stretches wall time, not the CPU time our thread uses).
 
-    .venv/bin/python benchmarks/bench_rollout.py [--batches 1 16] [--new-tokens 128] [--threads 1]
+The process runs with the stack's host-allocator setting (:mod:`megatron_seed.host_allocator`,
+as the ``megatron-seed`` command does: freed memory stays in glibc's heap, so steps do not
+page-fault their fresh tensors) unless ``--glibc-malloc-defaults``; it applies to both sides.
+
+Two model sizes (``--model``, default both): ``bench``, the script's own shape (hidden 256,
+16 experts top-4, vocab 4096), and ``tiny``, the ``tiny`` preset (``configs/tiny.yaml``:
+hidden 128, 8 experts top-2, vocab 2048) without its shared expert, which Qwen3-MoE lacks.
+
+    .venv/bin/python benchmarks/bench_rollout.py [--model bench tiny] [--batches 1 16] [--new-tokens 128] [--threads 1] [--glibc-malloc-defaults]
 """
 from __future__ import annotations
 
@@ -19,8 +27,9 @@ import time
 
 import torch
 
-from megatron_seed.config import MoEConfig, ModelConfig, RolloutConfig
+from megatron_seed.config import MoEConfig, ModelConfig, RolloutConfig, load_config
 from megatron_seed.convert.hf import save_hf_checkpoint
+from megatron_seed.host_allocator import keep_freed_memory_in_heap
 from megatron_seed.model.gpt import GPTModel
 from megatron_seed.parallel.state import ParallelState
 from rl.rollout.engine import RolloutEngine
@@ -32,13 +41,20 @@ MODEL = ModelConfig(
 )
 
 
-def build_models(seed: int) -> tuple:
+def model_config(name: str) -> ModelConfig:
+    """``bench`` (:data:`MODEL`) or ``tiny`` (the preset, shared expert removed: Qwen3-MoE has none)."""
+    if name == "bench":
+        return MODEL
+    return load_config("tiny", overrides=["model.moe.num_shared_experts=0"]).model
+
+
+def build_models(cfg: ModelConfig, seed: int) -> tuple:
     from transformers import Qwen3MoeForCausalLM
 
-    ours = GPTModel(MODEL, ParallelState.single()).eval()
+    ours = GPTModel(cfg, ParallelState.single()).eval()
     ours.init_weights(seed)
     with tempfile.TemporaryDirectory() as tmp:
-        save_hf_checkpoint(ours.state_dict(), MODEL, tmp)
+        save_hf_checkpoint(ours.state_dict(), cfg, tmp)
         hf = Qwen3MoeForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()
     return ours, hf
 
@@ -71,21 +87,14 @@ def time_hf(hf, prompts: list, new_tokens: int) -> tuple:
     return clock, out[:, ids.shape[1]:].tolist()
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batches", type=int, nargs="+", default=[1, 16])
-    parser.add_argument("--new-tokens", type=int, default=128)
-    parser.add_argument("--prompt-len", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=1)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    ours, hf = build_models(seed=0)
+def run_model(name: str, args: argparse.Namespace) -> None:
+    """Print one table: tokens/s of ours and HF per batch size, for model ``name``."""
+    m = model_config(name)
+    ours, hf = build_models(m, seed=0)
     engine = RolloutEngine(ours, ParallelState.single(), RolloutConfig(kv_cache_budget_mb=1024), stop_ids=[], pad_id=0)
-    m = MODEL
-    print(f"model: hidden {m.hidden_size}, {m.num_layers} layers, {m.moe.num_experts} experts top-{m.moe.top_k}, "
-          f"vocab {m.vocab_size}; prompt {args.prompt_len}, {args.new_tokens} new tokens, greedy, "
-          f"{args.threads} thread(s), best of {args.repeats}")
+    print(f"model {name}: hidden {m.hidden_size}, {m.num_layers} layers, {m.num_attention_heads}/{m.num_kv_heads} heads, "
+          f"{m.moe.num_experts} experts top-{m.moe.top_k} (ffn {m.moe.ffn_size}), vocab {m.vocab_size}; "
+          f"prompt {args.prompt_len}, {args.new_tokens} new tokens, greedy, {args.threads} thread(s), best of {args.repeats}")
     print(f"{'batch':>5} | {'wall tok/s: ours':>16} {'HF':>7} {'ratio':>6} | {'CPU tok/s: ours':>15} {'HF':>7} {'ratio':>6} | same tokens")
     gen = torch.Generator().manual_seed(1)
     time_ours(engine, [[1, 2, 3]], 4), time_hf(hf, [[1, 2, 3]], 4)  # warm-up
@@ -94,14 +103,31 @@ def main() -> None:
         best = {"ours": [float("inf")] * 2, "hf": [float("inf")] * 2}
         outputs = {}
         for _ in range(args.repeats):
-            for name, fn, model in (("ours", time_ours, engine), ("hf", time_hf, hf)):
+            for side, fn, model in (("ours", time_ours, engine), ("hf", time_hf, hf)):
                 clock, toks = fn(model, prompts, args.new_tokens)
-                best[name] = [min(best[name][0], clock.wall), min(best[name][1], clock.cpu)]
-                outputs[name] = toks
+                best[side] = [min(best[side][0], clock.wall), min(best[side][1], clock.cpu)]
+                outputs[side] = toks
         same = sum(a == b for ra, rb in zip(outputs["ours"], outputs["hf"]) for a, b in zip(ra, rb)) / (batch * args.new_tokens)
         n = batch * args.new_tokens
         (wo, co), (wh, ch) = best["ours"], best["hf"]
         print(f"{batch:>5} | {n / wo:>16.1f} {n / wh:>7.1f} {wh / wo:>5.2f}x | {n / co:>15.1f} {n / ch:>7.1f} {ch / co:>5.2f}x | {same:.1%}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", nargs="+", choices=["bench", "tiny"], default=["bench", "tiny"])
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 16])
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--prompt-len", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--glibc-malloc-defaults", action="store_true", help="leave glibc's mmap/trim thresholds as they are")
+    args = parser.parse_args()
+    heap = "glibc defaults" if args.glibc_malloc_defaults or not keep_freed_memory_in_heap() else "freed memory kept in the heap"
+    print(f"torch {torch.__version__}, host allocator: {heap}")
+    torch.set_num_threads(args.threads)
+    for name in args.model:
+        run_model(name, args)
 
 
 if __name__ == "__main__":
