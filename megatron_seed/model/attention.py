@@ -63,6 +63,7 @@ class KVCache:
             slots.copy_(torch.where(padding_mask_BS, 0.0, float("-inf")))
 
     def advance(self, S: int) -> None:
+        """Move the cursor past the ``S`` slots the layers just wrote."""
         self.length += S
 
     def select(self, keep_B: torch.Tensor) -> None:
