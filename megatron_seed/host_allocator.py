@@ -3,8 +3,8 @@
 glibc's malloc serves large blocks (above ``M_MMAP_THRESHOLD``: 128 KiB, raised on the fly
 up to 32 MiB) with fresh ``mmap`` pages and returns the top of the heap to the OS once
 more than ``M_TRIM_THRESHOLD`` is free. A training or generation step on CPU frees and
-re-allocates the same activation sizes every step, so with the defaults every step pays
-a page fault and a kernel zeroing for each 4 KiB of every large fresh tensor: about a
+re-allocates the same activation sizes every step, so with the defaults most steps pay
+a page fault and a kernel zeroing for each 4 KiB of many large fresh tensors: up to a
 quarter of an MoE layer's forward+backward time on CPU (``benchmarks/bench_moe_layer.py``
 measures it). PyTorch's CPU performance guide answers this with tcmalloc or jemalloc
 preloaded; :func:`keep_freed_memory_in_heap` gets the same effect from glibc itself with
