@@ -52,8 +52,9 @@ def _chunk_sort_index(counts_SL: torch.Tensor) -> torch.Tensor:
 class _Dispatcher:
     """Shared state and the local permute/unpermute steps."""
 
-    def __init__(self, num_experts: int, top_k: int, ps: ParallelState, kernels):
+    def __init__(self, num_experts: int, top_k: int, ps: ParallelState, kernels, capacity: bool = False):
         self.num_experts, self.top_k, self.ps, self.kernels = num_experts, top_k, ps, kernels
+        self.capacity = capacity  # the router may drop slots (expert id E)
         self.ep = ps.size("ep")
         self.num_local_experts = num_experts // self.ep
         self.first_expert = ps.rank_in("ep") * self.num_local_experts
@@ -90,7 +91,7 @@ class AllToAllDispatcher(_Dispatcher):
 
     def dispatch_preprocess(self, x_TH: torch.Tensor, weights_TA: torch.Tensor, experts_TA: torch.Tensor) -> tuple:
         x_TH, weights_TA, experts_TA = self._gather_tokens(x_TH, weights_TA, experts_TA, self.ps.group("etp"))
-        self.slots_N, tokens_per_expert_E = self.kernels.sort_slots(experts_TA, self.num_experts)
+        self.slots_N, tokens_per_expert_E = self.kernels.sort_slots(experts_TA, self.num_experts, droppable=self.capacity)
         self.send_counts_E = tokens_per_expert_E
         return self._permute(x_TH, weights_TA)
 
@@ -158,9 +159,9 @@ class AllGatherDispatcher(_Dispatcher):
         return reduce_scatter_to_sequence_parallel_region(self._unpermute(out_NH), self.ps.group("expert_model_parallel"), 0)
 
 
-def build_dispatcher(kind: str, num_experts: int, top_k: int, ps: ParallelState, kernels) -> _Dispatcher:
-    """``alltoall`` or ``allgather`` (``model.moe.dispatcher``)."""
+def build_dispatcher(kind: str, num_experts: int, top_k: int, ps: ParallelState, kernels, capacity: bool = False) -> _Dispatcher:
+    """``alltoall`` or ``allgather`` (``model.moe.dispatcher``); ``capacity``: the router may drop slots."""
     classes = {"alltoall": AllToAllDispatcher, "allgather": AllGatherDispatcher}
     if kind not in classes:
         raise ConfigError(f"model.moe.dispatcher={kind!r}: must be one of {', '.join(classes)}")
-    return classes[kind](num_experts, top_k, ps, kernels)
+    return classes[kind](num_experts, top_k, ps, kernels, capacity)

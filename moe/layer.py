@@ -71,7 +71,8 @@ class MoELayer(nn.Module):
             valid_BS = valid_BS[:, ps.tp_rank * S : (ps.tp_rank + 1) * S]  # this rank's sequence chunk
         routing = self.router(x_local, self.aux_loss_scale, valid_BS)
         kernels = ops(resolve_backend(self.moe_cfg.kernel_backend, x_BSH.device))
-        dispatcher = build_dispatcher(self.moe_cfg.dispatcher, self.moe_cfg.num_experts, self.moe_cfg.top_k, ps, kernels)
+        dispatcher = build_dispatcher(self.moe_cfg.dispatcher, self.moe_cfg.num_experts, self.moe_cfg.top_k, ps, kernels,
+                                      capacity=self.moe_cfg.capacity_factor is not None)
         rows_NH, tokens_per_expert_L, weights_N = dispatcher.token_dispatch(x_local.reshape(-1, H), routing.weights_TA, routing.experts_TA)
         out_NH = self.experts(rows_NH, tokens_per_expert_L, kernels, weights_N)
         y_BSH = dispatcher.token_combine(out_NH).view(B, S, H)

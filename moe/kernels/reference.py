@@ -73,15 +73,19 @@ def topk_routing(
     return weights_TA, experts_TA, scores_TE
 
 
-def sort_slots(experts_TA: torch.Tensor, num_experts: int) -> tuple:
+def sort_slots(experts_TA: torch.Tensor, num_experts: int, droppable: bool = True) -> tuple:
     """``(slots_N, tokens_per_expert_E)``: kept slot ids (``t * A + a``) sorted by expert.
 
     Slots whose expert id is ``>= num_experts`` (dropped by capacity, or owned by another
     rank) are left out. The sort is stable, so within an expert slots keep token order.
+    ``droppable=False`` promises no such id: every slot is kept without the host sync that
+    sizing the kept set needs.
     """
     flat = experts_TA.reshape(-1)
-    counts = torch.bincount(flat.clamp(max=num_experts), minlength=num_experts + 1)
     order = torch.sort(flat, stable=True).indices
+    if not droppable:
+        return order, torch.bincount(flat, minlength=num_experts)
+    counts = torch.bincount(flat.clamp(max=num_experts), minlength=num_experts + 1)
     tokens_per_expert_E = counts[:num_experts]
     return order[: int(tokens_per_expert_E.sum())], tokens_per_expert_E
 
@@ -120,6 +124,17 @@ def combine_rows(rows_NH: torch.Tensor, slots_N: torch.Tensor, num_tokens: int, 
     return out.index_add_(0, tokens_N, rows_NH.float()).to(rows_NH.dtype)
 
 
+def _swiglu_forward(gate_up_N2F: torch.Tensor, weights_N: Optional[torch.Tensor]) -> torch.Tensor:
+    F_ = gate_up_N2F.shape[1] // 2
+    out = F.silu(gate_up_N2F[:, :F_]).mul_(gate_up_N2F[:, F_:])
+    return out if weights_N is None else out.mul_(weights_N.unsqueeze(1))
+
+
+def _needs_grad(*tensors: Optional[torch.Tensor]) -> bool:
+    """Whether autograd must record this op (inference skips the autograd.Function's overhead)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 class _SwiGLU(torch.autograd.Function):
     """``w[:, None] * silu(gate) * up`` on a fused ``[N, 2F]`` input (``w`` optional).
 
@@ -132,9 +147,7 @@ class _SwiGLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate_up_N2F, weights_N):
         ctx.save_for_backward(gate_up_N2F, weights_N)
-        gate, up = gate_up_N2F.chunk(2, dim=1)
-        out = F.silu(gate).mul_(up)
-        return out if weights_N is None else out.mul_(weights_N.unsqueeze(1))
+        return _swiglu_forward(gate_up_N2F, weights_N)
 
     @staticmethod
     def backward(ctx, grad_NF):
@@ -162,7 +175,9 @@ def swiglu(gate_up_N2F: torch.Tensor, weights_N: Optional[torch.Tensor] = None) 
     """``w[:, None] * silu(x[:, :F]) * x[:, F:]`` (``w`` = per-row routing weight, or 1)."""
     if weights_N is not None:
         weights_N = weights_N.to(gate_up_N2F.dtype)
-    return _SwiGLU.apply(gate_up_N2F, weights_N)
+    if _needs_grad(gate_up_N2F, weights_N):
+        return _SwiGLU.apply(gate_up_N2F, weights_N)
+    return _swiglu_forward(gate_up_N2F, weights_N)
 
 
 def _aligned(t: torch.Tensor) -> bool:
@@ -240,6 +255,8 @@ def grouped_mm(x_NK: torch.Tensor, w_EKO: torch.Tensor, tokens_per_expert_E: tor
         return x_NK @ w_EKO[0]
     usable = x_NK.device.type == "cpu" or x_NK.dtype == torch.bfloat16
     if usable and _aligned(x_NK) and _aligned(w_EKO) and (O * x_NK.element_size()) % 16 == 0 and (x_NK.shape[1] * x_NK.element_size()) % 16 == 0:
-        offs = torch.cumsum(tokens_per_expert_E, 0).to(torch.int32)
-        return _GroupedMM.apply(x_NK, w_EKO, offs)
+        offs = torch.cumsum(tokens_per_expert_E, 0, dtype=torch.int32)
+        if _needs_grad(x_NK, w_EKO):
+            return _GroupedMM.apply(x_NK, w_EKO, offs)
+        return torch._grouped_mm(x_NK, w_EKO, offs=offs)
     return _segment_mm_padded(x_NK, w_EKO, tokens_per_expert_E)
