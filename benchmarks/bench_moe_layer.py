@@ -86,7 +86,11 @@ def floor_step(T: int, H: int, F: int, E: int, A: int):
     g_router, g_up, g_down = torch.randn(T, E), torch.randn(T * A, 2 * F), torch.randn(T * A, H)
     h = torch.randn(T * A, F, generator=gen, requires_grad=True)
 
+    leaves = (x, rows, w_router, w_gate_up, w_down, h)
+
     def step() -> None:
+        for t in leaves:  # fresh gradients each step, like the layer's zero_grad(set_to_none=True)
+            t.grad = None
         torch.autograd.backward([x @ w_router, rows @ w_gate_up, h @ w_down], [g_router, g_up, g_down])
 
     return step
