@@ -99,13 +99,14 @@ def full_state_dict(modules: list, ps: ParallelState) -> Optional[dict]:
     (:func:`gather_full`, over tp / ep / etp); buffers are replicated and taken as they
     are; then one rank per pipeline stage (dp, tp and cp rank 0) sends its stage's
     entries to rank 0, which returns their union (layers keep their global names). Every
-    other rank returns None. The whole model passes through rank 0's memory.
+    other rank returns None. The whole model passes through rank 0's memory; unsharded
+    entries share storage with the live parameters (use the result before training on).
     """
     local = {}
     for module in modules:
         params = dict(module.named_parameters())
         for name, value in module.state_dict().items():
-            local[name] = gather_full(params[name], ps).clone() if name in params else value.detach().clone()
+            local[name] = gather_full(params[name], ps) if name in params else value.detach()
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return local
     sender = ps.dp_rank == 0 and ps.tp_rank == 0 and ps.rank_in("cp") == 0
