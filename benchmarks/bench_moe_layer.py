@@ -2,8 +2,9 @@
 
 All three run side by side in one process, single thread, same weights and input:
 
-* ours: :class:`moe.layer.MoELayer` (one process, torch kernels, aux losses off as HF's
-  block computes none);
+* ours: :class:`moe.layer.MoELayer` (one process, aux losses off as HF's block computes
+  none), once per ``--backends`` entry: ``torch`` (eager reference kernels) and ``inductor``
+  (the SwiGLU compiled by TorchInductor; compiled before timing);
 * HF: ``transformers``' ``Qwen3MoeSparseMoeBlock`` with the weights copied;
 * floor: the same matmul FLOPs as dense GEMMs, forward and backward: router
   ``[T, H] x [H, E]``, gate/up ``[T*A, H] x [H, 2F]``, down ``[T*A, F] x [F, H]``.
@@ -11,7 +12,8 @@ All three run side by side in one process, single thread, same weights and input
 Timed round-robin (noise on a shared machine hits all three alike). The process runs with
 the stack's host-allocator setting (:mod:`megatron_seed.host_allocator`, as the
 ``megatron-seed`` command does) unless ``--glibc-malloc-defaults``; it applies to all three. Prints the median time of each and the ratios HF/ours (target >= 1.3) and ours/floor
-(target <= 1.5). Usage: ``python benchmarks/bench_moe_layer.py [--repeats 15] [--glibc-malloc-defaults]``.
+(target <= 1.5) for each backend. Usage:
+``python benchmarks/bench_moe_layer.py [--repeats 15] [--backends torch inductor] [--glibc-malloc-defaults]``.
 """
 from __future__ import annotations
 
@@ -51,18 +53,22 @@ def interleaved_medians(fns: list, repeats: int, warmup: int = 2) -> list:
     return [statistics.median(t) for t in times]
 
 
-def build(T: int, H: int, F: int, E: int, A: int) -> tuple:
+def build(T: int, H: int, F: int, E: int, A: int, backends: list) -> tuple:
+    """``([our layer per backend], HF block)``, all with the same weights."""
     from transformers import Qwen3MoeConfig
     from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
 
     ps = ParallelState.single()
-    ours = MoELayer(ModelConfig(hidden_size=H, moe=MoEConfig(num_experts=E, top_k=A, ffn_size=F, aux_loss_coef=0.0, kernel_backend="torch")), ps)
-    init_parameters(ours, 0, ps, 0.02)
+    ours = []
+    for backend in backends:
+        layer = MoELayer(ModelConfig(hidden_size=H, moe=MoEConfig(num_experts=E, top_k=A, ffn_size=F, aux_loss_coef=0.0, kernel_backend=backend)), ps)
+        init_parameters(layer, 0, ps, 0.02)
+        ours.append(layer)
     hf = Qwen3MoeSparseMoeBlock(Qwen3MoeConfig(hidden_size=H, moe_intermediate_size=F, num_experts=E, num_experts_per_tok=A, norm_topk_prob=True))
     with torch.no_grad():
-        hf.gate.weight.copy_(ours.router.weight)
-        hf.experts.gate_up_proj.copy_(ours.experts.w_gate_up.reshape(E, 2 * F, H))
-        hf.experts.down_proj.copy_(ours.experts.w_down)
+        hf.gate.weight.copy_(ours[0].router.weight)
+        hf.experts.gate_up_proj.copy_(ours[0].experts.w_gate_up.reshape(E, 2 * F, H))
+        hf.experts.down_proj.copy_(ours[0].experts.w_down)
     return ours, hf
 
 
@@ -99,24 +105,30 @@ def floor_step(T: int, H: int, F: int, E: int, A: int):
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--backends", nargs="+", default=["torch", "inductor"], choices=["torch", "inductor"], help="our kernel backends to time")
     parser.add_argument("--glibc-malloc-defaults", action="store_true", help="leave glibc's mmap/trim thresholds as they are")
     args = parser.parse_args()
     heap = "glibc defaults" if args.glibc_malloc_defaults or not keep_freed_memory_in_heap() else "freed memory kept in the heap"
     torch.set_num_threads(1)
     print(f"torch {torch.__version__}, 1 thread, median of {args.repeats} repeats, forward+backward, host allocator: {heap}")
-    print(f"{'T':>5} {'H':>4} {'F':>4} {'E':>3} {'A':>2} | {'ours ms':>8} {'HF ms':>8} {'floor ms':>8} | {'HF/ours':>7} {'ours/floor':>10}")
-    ok = True
+    print(f"{'T':>5} {'H':>4} {'F':>4} {'E':>3} {'A':>2} {'backend':>8} | {'ours ms':>8} {'HF ms':>8} {'floor ms':>8} | {'HF/ours':>7} {'ours/floor':>10}")
+    met = dict.fromkeys(args.backends, True)
     for T, H, F, E, A in SHAPES:
         torch.manual_seed(0)
-        ours, hf = build(T, H, F, E, A)
+        ours, hf = build(T, H, F, E, A, args.backends)
         x, g = torch.randn(1, T, H), torch.randn(1, T, H)
-        with torch.no_grad():
-            torch.testing.assert_close(ours(x), hf(x), rtol=1e-4, atol=1e-5)  # same work, same answer
-        t_ours, t_hf, t_floor = interleaved_medians([fwd_bwd(ours, x, g), fwd_bwd(hf, x, g), floor_step(T, H, F, E, A)], args.repeats)
-        speedup, overhead = t_hf / t_ours, t_ours / t_floor
-        ok &= speedup >= 1.3 and overhead <= 1.5
-        print(f"{T:>5} {H:>4} {F:>4} {E:>3} {A:>2} | {t_ours * 1e3:8.2f} {t_hf * 1e3:8.2f} {t_floor * 1e3:8.2f} | {speedup:7.2f} {overhead:10.2f}")
-    print("targets (HF/ours >= 1.3, ours/floor <= 1.5):", "met" if ok else "NOT met")
+        for layer in ours:
+            with torch.no_grad():
+                torch.testing.assert_close(layer(x), hf(x), rtol=1e-4, atol=1e-5)  # same work, same answer
+            fwd_bwd(layer, x, g)()  # the inductor backend compiles here, not inside the timing
+        steps = [fwd_bwd(layer, x, g) for layer in ours] + [fwd_bwd(hf, x, g), floor_step(T, H, F, E, A)]
+        *t_ours, t_hf, t_floor = interleaved_medians(steps, args.repeats)
+        for backend, t in zip(args.backends, t_ours):
+            speedup, overhead = t_hf / t, t / t_floor
+            met[backend] &= speedup >= 1.3 and overhead <= 1.5
+            print(f"{T:>5} {H:>4} {F:>4} {E:>3} {A:>2} {backend:>8} | {t * 1e3:8.2f} {t_hf * 1e3:8.2f} {t_floor * 1e3:8.2f} | {speedup:7.2f} {overhead:10.2f}")
+    for backend, ok in met.items():
+        print(f"targets (HF/ours >= 1.3, ours/floor <= 1.5) with kernel_backend={backend}:", "met" if ok else "NOT met")
     return 0
 
 

@@ -43,7 +43,7 @@ class MoEConfig:
     bias_update_rate: float = 0.0  # > 0 enables aux-loss-free balancing (sigmoid or softmax)
     capacity_factor: Optional[float] = None  # None = dropless
     dispatcher: str = "alltoall"  # alltoall | allgather
-    kernel_backend: str = "auto"  # auto | torch | triton
+    kernel_backend: str = "auto"  # auto | torch | triton | inductor (see moe/kernels/__init__.py)
     router_dtype: str = "float32"
 
 
@@ -354,7 +354,7 @@ def validate_model(m: ModelConfig) -> None:
     _one_of("model.moe.score_function", moe.score_function, ("softmax", "sigmoid"))
     _one_of("model.moe.aux_loss_type", moe.aux_loss_type, ("micro_batch", "sequence", "none"))
     _one_of("model.moe.dispatcher", moe.dispatcher, ("alltoall", "allgather"))
-    _one_of("model.moe.kernel_backend", moe.kernel_backend, ("auto", "torch", "triton"))
+    _one_of("model.moe.kernel_backend", moe.kernel_backend, ("auto", "torch", "triton", "inductor"))
     _require(moe.aux_loss_coef >= 0, f"model.moe.aux_loss_coef={moe.aux_loss_coef}: must be >= 0")
     _require(moe.z_loss_coef >= 0, f"model.moe.z_loss_coef={moe.z_loss_coef}: must be >= 0")
     if moe.capacity_factor is not None:

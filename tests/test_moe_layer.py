@@ -11,7 +11,7 @@ from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBl
 from megatron_seed.config import ConfigError, ModelConfig, MoEConfig
 from megatron_seed.parallel.sharding import init_parameters
 from megatron_seed.parallel.state import ParallelState
-from moe.kernels import reference, resolve_backend
+from moe.kernels import inductor, reference, resolve_backend
 from moe.layer import MoELayer
 from moe.router import apply_capacity
 
@@ -38,10 +38,13 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max()) if a.numel() else 0.0
 
 
-@pytest.mark.parametrize("H,F,norm", [(32, 16, True), (20, 6, False)])  # (20, 6): strides unfit for _grouped_mm -> padded bmm
-def test_matches_hf_qwen3_moe_block(H: int, F: int, norm: bool) -> None:
+@pytest.mark.parametrize(
+    "H,F,norm,backend",
+    [(32, 16, True, "torch"), (20, 6, False, "torch"), (32, 16, True, "inductor")],  # (20, 6): strides unfit for _grouped_mm -> padded bmm
+)
+def test_matches_hf_qwen3_moe_block(H: int, F: int, norm: bool, backend: str) -> None:
     torch.manual_seed(0)
-    layer = _layer(H=H, ffn_size=F, norm_topk_prob=norm)
+    layer = _layer(H=H, ffn_size=F, norm_topk_prob=norm, kernel_backend=backend)
     hf = _hf_copy(layer, norm)
     x = torch.randn(3, 7, H, requires_grad=True)
     x_hf = x.detach().clone().requires_grad_(True)
@@ -208,6 +211,7 @@ def test_capacity_drops_tokens_from_the_output() -> None:
 def test_backend_selection_and_bad_names() -> None:
     assert resolve_backend("auto", torch.device("cpu")) == "torch"
     assert resolve_backend("torch", torch.device("cpu")) == "torch"
+    assert resolve_backend("inductor", torch.device("cpu")) == "inductor"
     with pytest.raises(ConfigError, match="kernel_backend"):
         resolve_backend("cuda", torch.device("cpu"))
     with pytest.raises(ConfigError, match="dispatcher"):
@@ -248,3 +252,19 @@ def test_weighted_swiglu_matches_autograd() -> None:
     torch.autograd.gradcheck(reference.swiglu, (gate_up,))
     gate, up = gate_up.chunk(2, dim=1)
     torch.testing.assert_close(reference.swiglu(gate_up, weights), weights[:, None] * torch.nn.functional.silu(gate) * up)
+
+
+@pytest.mark.parametrize("weighted", [True, False])
+def test_inductor_swiglu_matches_the_reference(weighted: bool) -> None:
+    """The compiled SwiGLU: same values and gradients as the eager reference, any row count (none included)."""
+    torch.manual_seed(8)
+    for N, F in [(37, 5), (6, 16), (0, 5)]:
+        gate_up = torch.randn(N, 2 * F, requires_grad=True)
+        weights = torch.rand(N, requires_grad=True) if weighted else None
+        grad = torch.randn(N, F)
+        leaves = (gate_up, weights) if weighted else (gate_up,)
+        got = inductor.swiglu(gate_up, weights)
+        want = reference.swiglu(gate_up, weights)
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+        for a, b in zip(torch.autograd.grad(got, leaves, grad), torch.autograd.grad(want, leaves, grad)):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -4,6 +4,9 @@ Every op has a torch reference in :mod:`moe.kernels.reference` with the exact se
 the Triton version (:mod:`moe.kernels.triton_ops`) is tested against. ``kernel_backend``
 ``auto`` picks Triton on CUDA tensors when triton imports, torch otherwise; ``torch`` /
 ``triton`` force one (``triton`` on CPU tensors only works under ``TRITON_INTERPRET=1``).
+``inductor`` (:mod:`moe.kernels.inductor`) is the torch reference with the SwiGLU compiled
+by TorchInductor: the fastest choice on CPU for runs long enough to repay the compile at
+start (it needs a C++ compiler), never picked by ``auto``.
 """
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ import torch
 
 from megatron_seed.config import ConfigError
 
-BACKENDS = ("auto", "torch", "triton")
+BACKENDS = ("auto", "torch", "triton", "inductor")
 
 
 def triton_available() -> bool:
@@ -22,7 +25,7 @@ def triton_available() -> bool:
 
 
 def resolve_backend(name: str, device: torch.device) -> str:
-    """``torch`` or ``triton`` for tensors on ``device``."""
+    """``torch``, ``triton`` or ``inductor`` for tensors on ``device``."""
     if name not in BACKENDS:
         raise ConfigError(f"model.moe.kernel_backend={name!r}: must be one of {', '.join(BACKENDS)}")
     if name == "auto":
@@ -33,11 +36,16 @@ def resolve_backend(name: str, device: torch.device) -> str:
 
 
 def ops(backend: str) -> ModuleType:
-    """The module implementing ``topk_routing``, ``permute``, ``unpermute`` and ``grouped_mm``."""
+    """The module implementing ``topk_routing``, ``sort_slots``, ``permute``, ``unpermute``,
+    ``combine_rows``, ``grouped_mm`` and ``swiglu``."""
     if backend == "triton":
         from moe.kernels import triton_ops
 
         return triton_ops
+    if backend == "inductor":
+        from moe.kernels import inductor
+
+        return inductor
     from moe.kernels import reference
 
     return reference

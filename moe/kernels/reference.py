@@ -14,7 +14,8 @@ routed rows (kept token-slots, sorted by expert), ``K``/``O`` GEMM in/out featur
 """
 from __future__ import annotations
 
-from typing import Optional
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -130,6 +131,41 @@ def _swiglu_forward(gate_up_N2F: torch.Tensor, weights_N: Optional[torch.Tensor]
     return out if weights_N is None else out.mul_(weights_N.unsqueeze(1))
 
 
+def _swiglu_backward(grad_NF: torch.Tensor, gate_up_N2F: torch.Tensor, weights_N: Optional[torch.Tensor], need_d_weights: bool) -> tuple:
+    """``(d_gate_up [N, 2F], d_weights [N] or None)`` of :func:`_swiglu_forward`.
+
+    Few passes, written in place into the one ``[N, 2F]`` output: on CPU each pass and each
+    fresh buffer costs memory traffic (and page faults), and aten's fused ``silu_backward``
+    does ``d silu(x)/dx = sig(x) * (1 + x * (1 - sig(x)))`` in one pass.
+    """
+    gate, up = gate_up_N2F.chunk(2, dim=1)
+    out = torch.empty_like(gate_up_N2F)
+    d_gate, d_up = out.chunk(2, dim=1)
+    torch.mul(grad_NF, F.silu(gate), out=d_up)  # g * silu(gate), weighted below
+    d_weights = None
+    if weights_N is not None and need_d_weights:
+        # sum_f g * silu(gate) * up as one batched [1, F] x [F, 1] product per row
+        d_weights = torch.bmm(d_up.unsqueeze(1), up.unsqueeze(2)).view(-1)
+    torch.mul(grad_NF, up, out=d_gate)
+    if weights_N is not None:
+        d_up.mul_(weights_N.unsqueeze(1))
+        d_gate.mul_(weights_N.unsqueeze(1))
+    torch.ops.aten.silu_backward.grad_input(d_gate, gate, grad_input=d_gate)
+    return out, d_weights
+
+
+@dataclass(frozen=True)
+class SwiGLUImpl:
+    """A backend's SwiGLU: ``forward(gate_up, weights)`` and
+    ``backward(grad, gate_up, weights, need_d_weights) -> (d_gate_up, d_weights)``."""
+
+    forward: Callable
+    backward: Callable
+
+
+EAGER_SWIGLU = SwiGLUImpl(_swiglu_forward, _swiglu_backward)
+
+
 def _needs_grad(*tensors: Optional[torch.Tensor]) -> bool:
     """Whether autograd must record this op (inference skips the autograd.Function's overhead)."""
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
@@ -145,39 +181,25 @@ class _SwiGLU(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, gate_up_N2F, weights_N):
+    def forward(ctx, gate_up_N2F, weights_N, impl):
         ctx.save_for_backward(gate_up_N2F, weights_N)
-        return _swiglu_forward(gate_up_N2F, weights_N)
+        ctx.impl = impl
+        return impl.forward(gate_up_N2F, weights_N)
 
     @staticmethod
     def backward(ctx, grad_NF):
-        # Few passes, written in place into the one [N, 2F] output: on CPU each pass and each
-        # fresh buffer costs memory traffic (and page faults), and aten's fused silu_backward
-        # does d silu(x)/dx = sig(x) * (1 + x * (1 - sig(x))) in one pass.
         gate_up, weights_N = ctx.saved_tensors
-        gate, up = gate_up.chunk(2, dim=1)
-        out = torch.empty_like(gate_up)
-        d_gate, d_up = out.chunk(2, dim=1)
-        torch.mul(grad_NF, F.silu(gate), out=d_up)  # g * silu(gate), weighted below
-        d_weights = None
-        if weights_N is not None and ctx.needs_input_grad[1]:
-            # sum_f g * silu(gate) * up as one batched [1, F] x [F, 1] product per row
-            d_weights = torch.bmm(d_up.unsqueeze(1), up.unsqueeze(2)).view(-1)
-        torch.mul(grad_NF, up, out=d_gate)
-        if weights_N is not None:
-            d_up.mul_(weights_N.unsqueeze(1))
-            d_gate.mul_(weights_N.unsqueeze(1))
-        torch.ops.aten.silu_backward.grad_input(d_gate, gate, grad_input=d_gate)
-        return out, d_weights
+        d_gate_up, d_weights = ctx.impl.backward(grad_NF, gate_up, weights_N, ctx.needs_input_grad[1])
+        return d_gate_up, d_weights, None
 
 
-def swiglu(gate_up_N2F: torch.Tensor, weights_N: Optional[torch.Tensor] = None) -> torch.Tensor:
+def swiglu(gate_up_N2F: torch.Tensor, weights_N: Optional[torch.Tensor] = None, impl: SwiGLUImpl = EAGER_SWIGLU) -> torch.Tensor:
     """``w[:, None] * silu(x[:, :F]) * x[:, F:]`` (``w`` = per-row routing weight, or 1)."""
     if weights_N is not None:
         weights_N = weights_N.to(gate_up_N2F.dtype)
     if _needs_grad(gate_up_N2F, weights_N):
-        return _SwiGLU.apply(gate_up_N2F, weights_N)
-    return _swiglu_forward(gate_up_N2F, weights_N)
+        return _SwiGLU.apply(gate_up_N2F, weights_N, impl)
+    return impl.forward(gate_up_N2F, weights_N)
 
 
 def _aligned(t: torch.Tensor) -> bool:
