@@ -96,6 +96,17 @@ def apply_capacity(weights_TA: torch.Tensor, experts_TA: torch.Tensor, num_exper
     return torch.where(rank_in_expert < capacity, flat_e, num_experts).view(T, A)
 
 
+def expert_counts(experts_TA: torch.Tensor, num_experts: int, valid_T: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Slots routed to each expert, ``[E]`` int64, counting only tokens with ``valid_T`` True when given.
+
+    A scatter-add into ``[E]``: unlike ``bincount`` (output size = largest id + 1) or a boolean
+    index, its shapes do not depend on the data, so ``torch.compile`` traces it and a GPU never
+    waits on the host. Every id must be ``< num_experts`` (count before capacity dropping).
+    """
+    ones_TA = torch.ones_like(experts_TA) if valid_T is None else valid_T.to(experts_TA.dtype).unsqueeze(1).expand_as(experts_TA)
+    return experts_TA.new_zeros(num_experts).scatter_add_(0, experts_TA.reshape(-1), ones_TA.reshape(-1))
+
+
 class Router(nn.Module):
     """Linear router ``H -> E`` (no bias) with top-k choice and balancing losses."""
 
@@ -123,8 +134,7 @@ class Router(nn.Module):
             logits_TE, self.top_k, cfg.score_function, cfg.norm_topk_prob, bias, cfg.num_groups, cfg.top_groups
         )
         valid_T = None if valid_BS is None else valid_BS.reshape(-1).to(torch.bool)
-        counted_TA = experts_TA if valid_T is None else experts_TA[valid_T]
-        tokens_per_expert_E = torch.bincount(counted_TA.reshape(-1), minlength=self.num_experts)
+        tokens_per_expert_E = expert_counts(experts_TA, self.num_experts, valid_T)
         if self.balance_bias and self.training:
             self.expert_load += tokens_per_expert_E.float()
         if self.training or torch.is_grad_enabled():
