@@ -36,26 +36,45 @@ class KVCache:
     Prefills (SDPA) use the new keys directly. ``bias_BL`` is the additive
     attention bias of each slot: 0 where it holds a real token, ``-inf`` for padding and
     slots not yet written, so padding is never attended to.
+
+    The cursor is kept twice: ``length`` (a Python int, for slicing) and ``slot_1`` (the
+    same number in a ``[1]`` int64 tensor). Decode steps (one token per row) write their
+    slot through ``slot_1`` and, with ``static_shapes``, attend over all ``capacity`` slots
+    (the bias hides the unwritten ones) instead of the first ``length + 1``: such a step
+    reads no Python number of the cache, so ``torch.compile`` traces it once instead of
+    once per step. The price is attention over unwritten slots, hence off for eager decoding.
     """
 
     k: dict
     v: dict
     bias_BL: torch.Tensor
+    slot_1: torch.Tensor
     length: int = 0
+    static_shapes: bool = False
 
     @classmethod
-    def allocate(cls, layer_ids: list, batch: int, kv_heads: int, capacity: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> "KVCache":
+    def allocate(cls, layer_ids: list, batch: int, kv_heads: int, capacity: int, head_dim: int, dtype: torch.dtype, device: torch.device,
+                 static_shapes: bool = False) -> "KVCache":
         k = {i: torch.zeros(batch, kv_heads, head_dim, capacity, dtype=dtype, device=device) for i in layer_ids}
         v = {i: torch.zeros(batch, kv_heads, capacity, head_dim, dtype=dtype, device=device) for i in layer_ids}
-        return cls(k, v, torch.full((batch, capacity), float("-inf"), dtype=dtype, device=device))
+        bias_BL = torch.full((batch, capacity), float("-inf"), dtype=dtype, device=device)
+        return cls(k, v, bias_BL, torch.zeros(1, dtype=torch.long, device=device), static_shapes=static_shapes)
 
     @property
     def capacity(self) -> int:
         return self.bias_BL.shape[1]
 
+    @property
+    def decode_width(self) -> int:
+        """Key slots a decode step attends over: all of them with ``static_shapes``, else the written ones and its own."""
+        return self.capacity if self.static_shapes else self.length + 1
+
     def open_slots(self, S: int, padding_mask_BS: Optional[torch.Tensor]) -> None:
         """Mark the next ``S`` slots as real tokens (or padding where ``padding_mask_BS`` is
         False) before the layers write them; :meth:`advance` moves the cursor after."""
+        if S == 1 and padding_mask_BS is None:  # a decode step: through slot_1 (see the class docstring)
+            self.bias_BL.index_fill_(1, self.slot_1, 0.0)
+            return
         slots = self.bias_BL[:, self.length:self.length + S]
         if padding_mask_BS is None:
             slots.zero_()
@@ -65,6 +84,7 @@ class KVCache:
     def advance(self, S: int) -> None:
         """Move the cursor past the ``S`` slots the layers just wrote."""
         self.length += S
+        self.slot_1 += S
 
     def select(self, keep_B: torch.Tensor) -> None:
         """Keep only the batch rows in ``keep_B`` (indices), e.g. drop finished sequences."""
@@ -83,7 +103,7 @@ def build_attention_mask(
     """The ``mask`` argument of :class:`Attention` for one forward of ``S`` queries.
 
     * A decode step (``S == 1`` on a cache, no padding mask): the cache's additive bias
-      ``[B, 1, 1, L]``, a view, so nothing is built per step; the slot being written must
+      ``[B, 1, 1, cache.decode_width]``, a view, so nothing is built per step; the slot being written must
       be opened (:meth:`KVCache.open_slots`) before the layers run, so the query sees itself.
     * Otherwise a boolean ``[B, 1, S, L]`` (True = may attend), or None for plain causal.
       Query i (slot ``start + i``) may attend key slot j when j <= start + i, the key is a
@@ -92,10 +112,10 @@ def build_attention_mask(
     """
     if cache is not None and doc_ids_BS is not None:
         raise ValueError("build_attention_mask: doc_ids_BS (packed documents) cannot be combined with a KV cache")
+    if cache is not None and S == 1 and padding_mask_BS is None:
+        return cache.bias_BL[:, None, None, :cache.decode_width]
     start = cache.length if cache is not None else 0
     L = start + S
-    if cache is not None and S == 1 and padding_mask_BS is None:
-        return cache.bias_BL[:, None, None, :L]
     if cache is None and padding_mask_BS is None and doc_ids_BS is None:
         return None
     q_slot = torch.arange(start, L, device=device)
@@ -217,10 +237,10 @@ class Attention(nn.Module):
     def _decode_attention(self, q_B1ND, k_B1KD, v_B1KD, bias_B11L: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """One query per row against the cache: scores ``[B, K, G, L]`` with G = N / K query heads per kv head."""
         B, N, K, D = q_B1ND.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
-        start, end = cache.length, cache.length + 1
+        end = bias_B11L.shape[-1]  # cache.decode_width
         k_BKDL, v_BKLD = cache.k[self.layer_id], cache.v[self.layer_id]
-        k_BKDL[:, :, :, start] = k_B1KD[:, 0]
-        v_BKLD[:, :, start] = v_B1KD[:, 0]
+        k_BKDL.index_copy_(3, cache.slot_1, k_B1KD.permute(0, 2, 3, 1))  # [B, K, D, 1] into slot `slot_1`
+        v_BKLD.index_copy_(2, cache.slot_1, v_B1KD.transpose(1, 2))
         scores_BKGL = torch.matmul(q_B1ND.view(B, K, N // K, D), k_BKDL[:, :, :, :end])
         probs_BKGL = torch.add(bias_B11L, scores_BKGL, alpha=D ** -0.5).softmax(dim=-1)  # bias + scores / sqrt(D)
         return torch.matmul(probs_BKGL, v_BKLD[:, :, :end]).view(B, 1, N * D)

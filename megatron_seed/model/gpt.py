@@ -112,10 +112,12 @@ class GPTModel(nn.Module):
                 stack.enter_context(layer.self_attn.fused_projections())
             yield
 
-    def allocate_kv_cache(self, batch: int, capacity: int, dtype: torch.dtype = torch.float32, device: Optional[torch.device] = None) -> KVCache:
+    def allocate_kv_cache(self, batch: int, capacity: int, dtype: torch.dtype = torch.float32, device: Optional[torch.device] = None,
+                          static_shapes: bool = False) -> KVCache:
+        """An empty cache for ``batch`` rows of up to ``capacity`` tokens; ``static_shapes``: see :class:`KVCache`."""
         attn = next(iter(self.layers.values())).self_attn
         device = device or next(self.parameters()).device
-        return KVCache.allocate(self.layer_ids, batch, attn.num_kv_heads, capacity, attn.head_dim, dtype, device)
+        return KVCache.allocate(self.layer_ids, batch, attn.num_kv_heads, capacity, attn.head_dim, dtype, device, static_shapes)
 
     def forward(
         self,
@@ -125,6 +127,7 @@ class GPTModel(nn.Module):
         doc_ids_BS: Optional[torch.Tensor] = None,
         padding_mask_BS: Optional[torch.Tensor] = None,
         kv_cache: Optional[KVCache] = None,
+        advance_cache: bool = True,
     ) -> torch.Tensor:
         """Logits ``[B, S, V/tp]`` (or values ``[B, S]``) on the last stage, else hidden states.
 
@@ -132,7 +135,9 @@ class GPTModel(nn.Module):
         sharded under sequence parallel) on the others. ``position_ids_BS`` default to
         0..S-1 (continuing from the cache); ``doc_ids_BS`` keeps attention inside packed
         documents; ``padding_mask_BS`` (True = real token) hides padding from attention and from
-        the MoE balancing statistics.
+        the MoE balancing statistics. ``advance_cache=False`` leaves the cache's cursor for the
+        caller to move (``kv_cache.advance(S)``): a compiled decode step must not update the
+        cursor's Python int, or torch.compile would trace the step again for every value.
         """
         if self.pre_process:
             B, S = input_ids_BS.shape
@@ -150,7 +155,7 @@ class GPTModel(nn.Module):
         x_BSH = self.embed_tokens(input_ids_BS) if self.pre_process else hidden_BSH
         for layer in self.layers.values():
             x_BSH = layer(x_BSH, cos_sin, mask, kv_cache, padding_mask_BS)
-        if kv_cache is not None:
+        if kv_cache is not None and advance_cache:
             kv_cache.advance(S)
         if not self.post_process:
             return x_BSH
