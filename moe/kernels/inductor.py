@@ -6,9 +6,13 @@ eager PyTorch runs its forward in 2-3 passes over ``[N, F]`` and its backward in
 each becomes one fused loop (the backward also folds the routing-weight gradient's row sum
 into it), about 2x faster on one core. Everything else is the reference implementation.
 
-The functions are compiled with dynamic shapes, so a new number of rows does not compile
-again. The first call compiles (seconds to tens of seconds; TorchInductor caches the result
-on disk for later processes); it needs a C++ compiler on CPU and Triton on GPU.
+Shapes are left to torch.compile's automatic dynamism: the first call compiles for its exact
+shape, and when the row count changes (expert parallelism, capacity dropping) it compiles
+once more with the rows symbolic, while the ffn width stays a constant. That width being
+known is worth it: the backward runs in 0.54 ms instead of 0.86 with every size symbolic
+(N = 4096, F = 128, one core). A compile takes seconds to tens of seconds; TorchInductor
+caches its results on disk for later processes. It needs a C++ compiler on CPU and Triton
+on GPU.
 """
 from __future__ import annotations
 
@@ -39,7 +43,7 @@ def _swiglu_backward(grad_NF: torch.Tensor, gate_up_N2F: torch.Tensor, weights_N
     return d_gate_up, d_weights
 
 
-COMPILED_SWIGLU = SwiGLUImpl(torch.compile(_swiglu_forward, dynamic=True), torch.compile(_swiglu_backward, dynamic=True))
+COMPILED_SWIGLU = SwiGLUImpl(torch.compile(_swiglu_forward), torch.compile(_swiglu_backward))
 
 
 def swiglu(gate_up_N2F: torch.Tensor, weights_N: Optional[torch.Tensor] = None) -> torch.Tensor:
