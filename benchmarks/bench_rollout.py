@@ -13,11 +13,15 @@ The process runs with the stack's host-allocator setting (:mod:`megatron_seed.ho
 as the ``megatron-seed`` command does: freed memory stays in glibc's heap, so steps do not
 page-fault their fresh tensors) unless ``--glibc-malloc-defaults``; it applies to both sides.
 
+``--compile`` runs our decode steps through ``torch.compile`` (``rollout.compile=true``); HF
+``generate`` runs as users run it (eager). Each side's first call at each batch size is an
+untimed warm-up (our compilation happens there; its time is printed).
+
 Two model sizes (``--model``, default both): ``bench``, the script's own shape (hidden 256,
 16 experts top-4, vocab 4096), and ``tiny``, the ``tiny`` preset (``configs/tiny.yaml``:
 hidden 128, 8 experts top-2, vocab 2048) without its shared expert, which Qwen3-MoE lacks.
 
-    .venv/bin/python benchmarks/bench_rollout.py [--model bench tiny] [--batches 1 16] [--new-tokens 128] [--threads 1] [--glibc-malloc-defaults]
+    .venv/bin/python benchmarks/bench_rollout.py [--model bench tiny] [--batches 1 16] [--new-tokens 128] [--threads 1] [--compile] [--glibc-malloc-defaults]
 """
 from __future__ import annotations
 
@@ -91,15 +95,18 @@ def run_model(name: str, args: argparse.Namespace) -> None:
     """Print one table: tokens/s of ours and HF per batch size, for model ``name``."""
     m = model_config(name)
     ours, hf = build_models(m, seed=0)
-    engine = RolloutEngine(ours, ParallelState.single(), RolloutConfig(kv_cache_budget_mb=1024), stop_ids=[], pad_id=0)
+    rollout = RolloutConfig(kv_cache_budget_mb=1024, compile=args.compile)
+    engine = RolloutEngine(ours, ParallelState.single(), rollout, stop_ids=[], pad_id=0)
     print(f"model {name}: hidden {m.hidden_size}, {m.num_layers} layers, {m.num_attention_heads}/{m.num_kv_heads} heads, "
           f"{m.moe.num_experts} experts top-{m.moe.top_k} (ffn {m.moe.ffn_size}), vocab {m.vocab_size}; "
-          f"prompt {args.prompt_len}, {args.new_tokens} new tokens, greedy, {args.threads} thread(s), best of {args.repeats}")
-    print(f"{'batch':>5} | {'wall tok/s: ours':>16} {'HF':>7} {'ratio':>6} | {'CPU tok/s: ours':>15} {'HF':>7} {'ratio':>6} | same tokens")
+          f"prompt {args.prompt_len}, {args.new_tokens} new tokens, greedy, {args.threads} thread(s), best of {args.repeats}; "
+          f"ours: rollout.compile={rollout.compile}, HF: eager generate")
+    print(f"{'batch':>5} | {'wall tok/s: ours':>16} {'HF':>7} {'ratio':>6} | {'CPU tok/s: ours':>15} {'HF':>7} {'ratio':>6} | same tokens | ours' first call")
     gen = torch.Generator().manual_seed(1)
-    time_ours(engine, [[1, 2, 3]], 4), time_hf(hf, [[1, 2, 3]], 4)  # warm-up
     for batch in args.batches:
         prompts = torch.randint(4, m.vocab_size, (batch, args.prompt_len), generator=gen).tolist()
+        first, _ = time_ours(engine, prompts, args.new_tokens)  # warm-up (compiles with --compile)
+        time_hf(hf, prompts, args.new_tokens)
         best = {"ours": [float("inf")] * 2, "hf": [float("inf")] * 2}
         outputs = {}
         for _ in range(args.repeats):
@@ -110,7 +117,7 @@ def run_model(name: str, args: argparse.Namespace) -> None:
         same = sum(a == b for ra, rb in zip(outputs["ours"], outputs["hf"]) for a, b in zip(ra, rb)) / (batch * args.new_tokens)
         n = batch * args.new_tokens
         (wo, co), (wh, ch) = best["ours"], best["hf"]
-        print(f"{batch:>5} | {n / wo:>16.1f} {n / wh:>7.1f} {wh / wo:>5.2f}x | {n / co:>15.1f} {n / ch:>7.1f} {ch / co:>5.2f}x | {same:.1%}")
+        print(f"{batch:>5} | {n / wo:>16.1f} {n / wh:>7.1f} {wh / wo:>5.2f}x | {n / co:>15.1f} {n / ch:>7.1f} {ch / co:>5.2f}x | {same:>11.1%} | {first.wall:.1f} s")
 
 
 def main() -> None:
@@ -121,6 +128,7 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--compile", action="store_true", help="our decode steps through torch.compile (rollout.compile=true)")
     parser.add_argument("--glibc-malloc-defaults", action="store_true", help="leave glibc's mmap/trim thresholds as they are")
     args = parser.parse_args()
     heap = "glibc defaults" if args.glibc_malloc_defaults or not keep_freed_memory_in_heap() else "freed memory kept in the heap"

@@ -134,6 +134,10 @@ class RolloutConfig:
     top_k: int = 0  # 0 = off
     samples_per_prompt: int = 4
     kv_cache_budget_mb: float = 256.0
+    # native engine: run decode steps through torch.compile (one process per model replica only: tp = pp = ep = etp = cp = 1,
+    # other layouts decode eagerly). Off by default: the first rollout pays the compilation (tens of seconds on CPU, needs a
+    # C++ compiler there), and again for a new batch size; long RL runs earn it back. See rl/rollout/engine.py.
+    compile: bool = False
     engine: str = "native"  # native | external (vLLM / SGLang adapter)
     external_url: Optional[str] = None  # engine=external: base URL of the completions server, e.g. http://host:8000
     external_model: str = "default"  # engine=external: the model name the server serves
@@ -450,6 +454,7 @@ def validate_config(cfg: Config) -> None:
     _positive("rollout.max_new_tokens", ro.max_new_tokens)
     _positive("rollout.samples_per_prompt", ro.samples_per_prompt)
     _one_of("rollout.engine", ro.engine, ("native", "external"))
+    _require(isinstance(ro.compile, bool), f"rollout.compile={ro.compile!r}: must be true or false")
     if ro.engine == "external":
         _require(bool(ro.external_url), "rollout.engine=external needs rollout.external_url (the vLLM / SGLang server, e.g. http://host:8000); "
                  "fix: set it, or use rollout.engine=native")

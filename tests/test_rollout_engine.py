@@ -35,6 +35,20 @@ def test_greedy_equals_full_recompute_reference_with_early_stops():
     assert out.response_mask_BS.sum(1).tolist() == [len(r) for r in expected]
 
 
+def test_compiled_decode_equals_reference_and_trainer():
+    """rollout.compile: greedy tokens equal the no-cache reference and the log-probs the trainer's,
+    while early stops shrink the batch (which compiles once more, with a symbolic batch size)."""
+    model = single_model()
+    max_new = 10
+    stop = [stop_token_for(model, PROMPTS[0], 3, max_new)]
+    out = engine(model, stop, compile=True).generate(PROMPTS, n=2, sampling=GREEDY, max_new_tokens=max_new)
+    assert out.responses() == [greedy_reference(model, p, max_new, stop) for p in PROMPTS for _ in range(2)]
+    assert out.finish_reasons[0] == "stop" and len(out.responses()[0]) == 4
+    recomputed = trainer_log_probs(model, out, ParallelState.single())
+    mask = out.response_mask_BS
+    assert ((out.log_probs_BS - recomputed).abs() / recomputed.abs())[mask].max() <= 1e-5
+
+
 def test_sampled_log_probs_equal_trainer_recompute():
     model = single_model()
     out = engine(model, [1]).generate(PROMPTS, n=3, sampling=SAMPLED, max_new_tokens=12)
