@@ -49,6 +49,13 @@ def test_compiled_decode_equals_reference_and_trainer():
     assert ((out.log_probs_BS - recomputed).abs() / recomputed.abs())[mask].max() <= 1e-5
 
 
+def test_compile_without_a_cpp_compiler_warns_and_decodes_eagerly(monkeypatch):
+    monkeypatch.setattr("shutil.which", lambda name: None)
+    with pytest.warns(UserWarning, match=r"decoding eagerly, because torch.compile on CPU needs a C\+\+ compiler"):
+        eng = engine(single_model(), [1], compile=True)
+    assert eng.decode_forward is None
+
+
 def test_sampled_log_probs_equal_trainer_recompute():
     model = single_model()
     out = engine(model, [1]).generate(PROMPTS, n=3, sampling=SAMPLED, max_new_tokens=12)

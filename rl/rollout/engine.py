@@ -62,6 +62,8 @@ state that the next sampled token is drawn from.
 from __future__ import annotations
 
 import contextlib
+import os
+import shutil
 import warnings
 from collections import deque
 from dataclasses import dataclass, field
@@ -122,12 +124,14 @@ def _decode_forward(model: GPTModel, ids_B1: torch.Tensor, pos_B1: torch.Tensor,
     return model(ids_B1, position_ids_BS=pos_B1, kv_cache=cache, advance_cache=False)[:, -1]
 
 
-def compile_blocker(ps: ParallelState) -> Optional[str]:
-    """Why the decode step cannot be compiled under this layout, or None when it can."""
+def compile_blocker(ps: ParallelState, device: torch.device) -> Optional[str]:
+    """Why the decode step cannot be compiled under this layout on this device, or None when it can."""
     split = {name: ps.size(name) for name in ("tp", "pp", "ep", "etp", "cp") if ps.size(name) > 1}
     if split:
         layout = ", ".join(f"{name}={size}" for name, size in split.items())
         return f"the decode step of {layout} runs collectives (send/recv, all-reduce, all-to-all) that torch.compile cannot trace"
+    if device.type == "cpu" and not any(shutil.which(cxx) for cxx in (os.environ.get("CXX"), "g++", "clang++") if cxx):
+        return "torch.compile on CPU needs a C++ compiler ($CXX, g++ or clang++) and none was found"
     return None
 
 
@@ -214,7 +218,7 @@ class RolloutEngine:
         """``_decode_forward``, compiled when ``rollout.compile`` is on and the layout allows it."""
         if not self.cfg.compile:
             return None
-        blocker = compile_blocker(self.ps)
+        blocker = compile_blocker(self.ps, self.device)
         if blocker is not None:
             warnings.warn(f"rollout.compile=true: decoding eagerly, because {blocker}", stacklevel=3)
             return None
