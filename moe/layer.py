@@ -60,12 +60,19 @@ def _traceable_sort_slots(experts_TA: torch.Tensor, num_experts: int, droppable:
     return torch.sort(experts_TA.reshape(-1), stable=True).indices, expert_counts(experts_TA, num_experts)
 
 
-# The torch reference kernels as torch.compile traces them for inference (compiled rollout decode).
-TRACEABLE_REFERENCE = types.SimpleNamespace(**{
-    **{name: getattr(reference, name) for name in dir(reference) if not name.startswith("_")},
-    "grouped_mm": torch.ops.megatron_seed.grouped_mm,
-    "sort_slots": _traceable_sort_slots,
-})
+class TraceableKernels:
+    """A kernels module built on the reference grouped GEMM and slot sort (backends ``torch`` and
+    ``inductor``) as torch.compile traces it for inference (compiled rollout decode): those two
+    replaced by the versions above, every other op the module's own."""
+
+    grouped_mm = staticmethod(torch.ops.megatron_seed.grouped_mm)
+    sort_slots = staticmethod(_traceable_sort_slots)
+
+    def __init__(self, kernels: types.ModuleType):
+        self.kernels = kernels
+
+    def __getattr__(self, name: str):
+        return getattr(self.kernels, name)
 
 
 class MoELayer(nn.Module):
@@ -100,8 +107,8 @@ class MoELayer(nn.Module):
             valid_BS = valid_BS[:, ps.tp_rank * S : (ps.tp_rank + 1) * S]  # this rank's sequence chunk
         routing = self.router(x_local, self.aux_loss_scale, valid_BS)
         kernels = ops(resolve_backend(self.moe_cfg.kernel_backend, x_BSH.device))
-        if kernels is reference and torch.compiler.is_compiling() and not torch.is_grad_enabled():
-            kernels = TRACEABLE_REFERENCE
+        if torch.compiler.is_compiling() and not torch.is_grad_enabled() and kernels.grouped_mm is reference.grouped_mm:
+            kernels = TraceableKernels(kernels)
         dispatcher = build_dispatcher(self.moe_cfg.dispatcher, self.moe_cfg.num_experts, self.moe_cfg.top_k, ps, kernels,
                                       capacity=self.moe_cfg.capacity_factor is not None)
         rows_NH, tokens_per_expert_L, weights_N = dispatcher.token_dispatch(x_local.reshape(-1, H), routing.weights_TA, routing.experts_TA)
