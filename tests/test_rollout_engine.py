@@ -49,6 +49,19 @@ def test_compiled_decode_equals_reference_and_trainer():
     assert ((out.log_probs_BS - recomputed).abs() / recomputed.abs())[mask].max() <= 1e-5
 
 
+@torch.no_grad()
+def test_static_shapes_cache_decodes_like_a_full_forward():
+    """Decode steps over all slots of a ``static_shapes`` cache (what compiled decoding runs), eagerly."""
+    model = single_model()
+    ids = torch.randint(0, 64, (2, 10), generator=torch.Generator().manual_seed(0))
+    cache = model.allocate_kv_cache(batch=2, capacity=16, static_shapes=True)
+    steps = [model(ids[:, :6], kv_cache=cache)]
+    for t in range(6, 10):
+        steps.append(model(ids[:, t:t + 1], kv_cache=cache, advance_cache=False))
+        cache.advance(1)
+    torch.testing.assert_close(torch.cat(steps, dim=1), model(ids), rtol=1e-5, atol=1e-5)
+
+
 def test_compile_without_a_cpp_compiler_warns_and_decodes_eagerly(monkeypatch):
     monkeypatch.setattr("shutil.which", lambda name: None)
     with pytest.warns(UserWarning, match=r"decoding eagerly, because torch.compile on CPU needs a C\+\+ compiler"):
