@@ -39,10 +39,12 @@ class KVCache:
 
     The cursor is kept twice: ``length`` (a Python int, for slicing) and ``slot_1`` (the
     same number in a ``[1]`` int64 tensor). Decode steps (one token per row) write their
-    slot through ``slot_1`` and, with ``static_shapes``, attend over all ``capacity`` slots
-    (the bias hides the unwritten ones) instead of the first ``length + 1``: such a step
-    reads no Python number of the cache, so ``torch.compile`` traces it once instead of
-    once per step. The price is attention over unwritten slots, hence off for eager decoding.
+    slot through ``slot_1`` and attend over the first ``length + 1`` slots, so under
+    ``torch.compile`` the only number of the cache a step reads is ``length`` as a size,
+    which torch's automatic dynamic shapes make symbolic after the first change: one graph
+    serves every step. (Attending over all ``capacity`` slots would need no symbolic size,
+    but costs attention over the unwritten ones: at 512 new tokens that made the compiled
+    step slower than the eager one.)
     """
 
     k: dict
@@ -50,24 +52,17 @@ class KVCache:
     bias_BL: torch.Tensor
     slot_1: torch.Tensor
     length: int = 0
-    static_shapes: bool = False
 
     @classmethod
-    def allocate(cls, layer_ids: list, batch: int, kv_heads: int, capacity: int, head_dim: int, dtype: torch.dtype, device: torch.device,
-                 static_shapes: bool = False) -> "KVCache":
+    def allocate(cls, layer_ids: list, batch: int, kv_heads: int, capacity: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> "KVCache":
         k = {i: torch.zeros(batch, kv_heads, head_dim, capacity, dtype=dtype, device=device) for i in layer_ids}
         v = {i: torch.zeros(batch, kv_heads, capacity, head_dim, dtype=dtype, device=device) for i in layer_ids}
         bias_BL = torch.full((batch, capacity), float("-inf"), dtype=dtype, device=device)
-        return cls(k, v, bias_BL, torch.zeros(1, dtype=torch.long, device=device), static_shapes=static_shapes)
+        return cls(k, v, bias_BL, torch.zeros(1, dtype=torch.long, device=device))
 
     @property
     def capacity(self) -> int:
         return self.bias_BL.shape[1]
-
-    @property
-    def decode_width(self) -> int:
-        """Key slots a decode step attends over: all of them with ``static_shapes``, else the written ones and its own."""
-        return self.capacity if self.static_shapes else self.length + 1
 
     def open_slots(self, S: int, padding_mask_BS: Optional[torch.Tensor]) -> None:
         """Mark the next ``S`` slots as real tokens (or padding where ``padding_mask_BS`` is
@@ -103,7 +98,7 @@ def build_attention_mask(
     """The ``mask`` argument of :class:`Attention` for one forward of ``S`` queries.
 
     * A decode step (``S == 1`` on a cache, no padding mask): the cache's additive bias
-      ``[B, 1, 1, cache.decode_width]``, a view, so nothing is built per step; the slot being written must
+      ``[B, 1, 1, L]``, a view, so nothing is built per step; the slot being written must
       be opened (:meth:`KVCache.open_slots`) before the layers run, so the query sees itself.
     * Otherwise a boolean ``[B, 1, S, L]`` (True = may attend), or None for plain causal.
       Query i (slot ``start + i``) may attend key slot j when j <= start + i, the key is a
@@ -113,7 +108,7 @@ def build_attention_mask(
     if cache is not None and doc_ids_BS is not None:
         raise ValueError("build_attention_mask: doc_ids_BS (packed documents) cannot be combined with a KV cache")
     if cache is not None and S == 1 and padding_mask_BS is None:
-        return cache.bias_BL[:, None, None, :cache.decode_width]
+        return cache.bias_BL[:, None, None, :cache.length + 1]
     start = cache.length if cache is not None else 0
     L = start + S
     if cache is None and padding_mask_BS is None and doc_ids_BS is None:
@@ -237,7 +232,7 @@ class Attention(nn.Module):
     def _decode_attention(self, q_B1ND, k_B1KD, v_B1KD, bias_B11L: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """One query per row against the cache: scores ``[B, K, G, L]`` with G = N / K query heads per kv head."""
         B, N, K, D = q_B1ND.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
-        end = bias_B11L.shape[-1]  # cache.decode_width
+        end = bias_B11L.shape[-1]  # length + 1
         k_BKDL, v_BKLD = cache.k[self.layer_id], cache.v[self.layer_id]
         k_BKDL.index_copy_(3, cache.slot_1, k_B1KD.permute(0, 2, 3, 1))  # [B, K, D, 1] into slot `slot_1`
         v_BKLD.index_copy_(2, cache.slot_1, v_B1KD.transpose(1, 2))

@@ -112,12 +112,10 @@ class GPTModel(nn.Module):
                 stack.enter_context(layer.self_attn.fused_projections())
             yield
 
-    def allocate_kv_cache(self, batch: int, capacity: int, dtype: torch.dtype = torch.float32, device: Optional[torch.device] = None,
-                          static_shapes: bool = False) -> KVCache:
-        """An empty cache for ``batch`` rows of up to ``capacity`` tokens; ``static_shapes``: see :class:`KVCache`."""
+    def allocate_kv_cache(self, batch: int, capacity: int, dtype: torch.dtype = torch.float32, device: Optional[torch.device] = None) -> KVCache:
         attn = next(iter(self.layers.values())).self_attn
         device = device or next(self.parameters()).device
-        return KVCache.allocate(self.layer_ids, batch, attn.num_kv_heads, capacity, attn.head_dim, dtype, device, static_shapes)
+        return KVCache.allocate(self.layer_ids, batch, attn.num_kv_heads, capacity, attn.head_dim, dtype, device)
 
     def forward(
         self,

@@ -43,17 +43,15 @@ Compiled decoding (``rollout.compile``): on one process per replica (tp = pp = e
 = 1) the decode step (one token per row: the model forward on the cache, without moving
 its cursor) runs through ``torch.compile``, so norms, RoPE, the attention softmax, the
 router and the residual adds fuse into a few kernels and the per-op dispatch and Python
-overhead of ~100 small ops a step goes away. Prefills stay eager. The caches are then
-allocated with ``static_shapes`` (decode attends over all slots, the bias hiding unwritten
-ones), so no step reads the cache's Python cursor and one graph serves all steps of a
-chunk. Rows leaving the batch (or a chunk of another width) change a size: the first
-such change compiles once more with that size symbolic (torch's automatic dynamic
-shapes), and that graph serves every later size except 1, which torch specialises. So a
-run compiles two or three graphs per model. (``dynamic=True`` from the start would
-compile once less, but it makes every size symbolic, weights included, and torch's
-"duck sizing" then ties equal sizes together: in the tests a batch of 8 rows with a
-head dim of 8 got the batch size fixed anyway.) Layouts with collectives inside the step decode eagerly (a
-warning says so).
+overhead of ~100 small ops a step goes away. Prefills stay eager. No step may bring a
+new constant into the trace, or torch.compile would retrace it every token: the batch
+size and the cache capacity are marked dynamic before the first trace (rows leaving the
+batch and chunks of other widths reuse the graph; a batch of one row is specialised by
+torch and gets its own), and the cache's fill length, the one size that grows per
+token, turns symbolic at the second step through torch's automatic dynamic shapes. So a
+run compiles two graphs per model, three once a single row is left. Layouts with
+collectives inside the step, or a CPU without a C++ compiler, decode eagerly (a warning
+says so).
 
 Critic values ride in the same structure: the critic has its own cache and runs the same
 forwards on the same inputs; its output at the last input position is the value of the
@@ -122,6 +120,18 @@ def generation_mode(models: Sequence[GPTModel], ps: ParallelState) -> Iterator[N
 def _decode_forward(model: GPTModel, ids_B1: torch.Tensor, pos_B1: torch.Tensor, cache: KVCache) -> torch.Tensor:
     """Logits ``[B, V]`` of one decode step; the caller advances the cache (what ``torch.compile`` traces)."""
     return model(ids_B1, position_ids_BS=pos_B1, kv_cache=cache, advance_cache=False)[:, -1]
+
+
+def _mark_dynamic_sizes(cache: KVCache) -> None:
+    """Have torch.compile trace the batch size and the capacity of ``cache`` as symbols from the
+    first compilation, so rows leaving the batch and chunks of other widths reuse its graph
+    (``maybe``: a size of 1 is still specialised, without an error)."""
+    torch._dynamo.maybe_mark_dynamic(cache.bias_BL, 0)
+    torch._dynamo.maybe_mark_dynamic(cache.bias_BL, 1)
+    for k_BKDL, v_BKLD in zip(cache.k.values(), cache.v.values()):
+        for tensor, capacity_dim in ((k_BKDL, 3), (v_BKLD, 2)):
+            torch._dynamo.maybe_mark_dynamic(tensor, 0)
+            torch._dynamo.maybe_mark_dynamic(tensor, capacity_dim)
 
 
 def compile_blocker(ps: ParallelState, device: torch.device) -> Optional[str]:
@@ -365,9 +375,12 @@ class RolloutEngine:
         pos_BS = (mask_BS.long().cumsum(1) - 1).clamp(min=0)
         chunk.prompt_lens_B = mask_BS.sum(1).to(self.device)
         padding = None if bool(mask_BS.all()) else mask_BS.to(self.device)
-        static = self.decode_forward is not None
-        chunk.cache = self.policy.allocate_kv_cache(B, P + max_new, static_shapes=static)
-        chunk.critic_cache = self.critic.allocate_kv_cache(B, P + max_new, static_shapes=static) if self.critic is not None else None
+        chunk.cache = self.policy.allocate_kv_cache(B, P + max_new)
+        chunk.critic_cache = self.critic.allocate_kv_cache(B, P + max_new) if self.critic is not None else None
+        if self.decode_forward is not None:
+            for cache in (chunk.cache, chunk.critic_cache):
+                if cache is not None:
+                    _mark_dynamic_sizes(cache)
         return self._forward_all(ids_BS.to(self.device), pos_BS.to(self.device), padding, chunk)
 
     def _decode(self, chunk: _Chunk) -> tuple:
@@ -375,6 +388,8 @@ class RolloutEngine:
         ids_BS = chunk.next_ids_B.unsqueeze(1).to(self.device)
         if self.decode_forward is None:
             return self._forward_all(ids_BS, pos_BS, None, chunk)
+        torch._dynamo.maybe_mark_dynamic(ids_BS, 0)
+        torch._dynamo.maybe_mark_dynamic(pos_BS, 0)
         outputs = []
         for model, cache in ((self.policy, chunk.cache), (self.critic, chunk.critic_cache)):
             outputs.append(self.decode_forward(model, ids_BS, pos_BS, cache) if model is not None else None)
