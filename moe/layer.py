@@ -25,7 +25,6 @@ which the trainer sets to ``1 / num_microbatches``); ``last_stats`` holds the de
 """
 from __future__ import annotations
 
-import types
 from typing import Optional
 
 import torch
@@ -36,43 +35,8 @@ from megatron_seed.parallel.mappings import gather_from_parallel_region, scatter
 from megatron_seed.parallel.state import ParallelState
 from moe.dispatcher import build_dispatcher
 from moe.experts import GroupedExperts, SharedExperts
-from moe.kernels import ops, reference, resolve_backend
-from moe.router import Router, expert_counts
-
-
-@torch.library.custom_op("megatron_seed::grouped_mm", mutates_args=())
-def _opaque_grouped_mm(x_NK: torch.Tensor, w_EKO: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
-    """``reference.grouped_mm`` as one op that torch.compile calls without tracing into it:
-    the fake-tensor rule of ``torch._grouped_mm`` accepts bf16 only, while CPU runs it in fp32."""
-    return reference.grouped_mm(x_NK, w_EKO, tokens_per_expert_E)
-
-
-@_opaque_grouped_mm.register_fake
-def _(x_NK: torch.Tensor, w_EKO: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
-    return x_NK.new_empty(x_NK.shape[0], w_EKO.shape[2])
-
-
-def _traceable_sort_slots(experts_TA: torch.Tensor, num_experts: int, droppable: bool = True) -> tuple:
-    """``reference.sort_slots`` with the counts of the no-drop case from :func:`expert_counts`
-    (fixed shape) instead of ``bincount`` (data-dependent shape, which would split the graph)."""
-    if droppable:
-        return reference.sort_slots(experts_TA, num_experts, droppable)
-    return torch.sort(experts_TA.reshape(-1), stable=True).indices, expert_counts(experts_TA, num_experts)
-
-
-class TraceableKernels:
-    """A kernels module built on the reference grouped GEMM and slot sort (backends ``torch`` and
-    ``inductor``) as torch.compile traces it for inference (compiled rollout decode): those two
-    replaced by the versions above, every other op the module's own."""
-
-    grouped_mm = staticmethod(torch.ops.megatron_seed.grouped_mm)
-    sort_slots = staticmethod(_traceable_sort_slots)
-
-    def __init__(self, kernels: types.ModuleType):
-        self.kernels = kernels
-
-    def __getattr__(self, name: str):
-        return getattr(self.kernels, name)
+from moe.kernels import ops, resolve_backend
+from moe.router import Router
 
 
 class MoELayer(nn.Module):
@@ -107,8 +71,6 @@ class MoELayer(nn.Module):
             valid_BS = valid_BS[:, ps.tp_rank * S : (ps.tp_rank + 1) * S]  # this rank's sequence chunk
         routing = self.router(x_local, self.aux_loss_scale, valid_BS)
         kernels = ops(resolve_backend(self.moe_cfg.kernel_backend, x_BSH.device))
-        if torch.compiler.is_compiling() and not torch.is_grad_enabled() and kernels.grouped_mm is reference.grouped_mm:
-            kernels = TraceableKernels(kernels)
         dispatcher = build_dispatcher(self.moe_cfg.dispatcher, self.moe_cfg.num_experts, self.moe_cfg.top_k, ps, kernels,
                                       capacity=self.moe_cfg.capacity_factor is not None)
         rows_NH, tokens_per_expert_L, weights_N = dispatcher.token_dispatch(x_local.reshape(-1, H), routing.weights_TA, routing.experts_TA)

@@ -42,6 +42,7 @@ from megatron_seed.parallel.mappings import all_reduce_no_grad
 from megatron_seed.parallel.sharding import set_sharding
 from megatron_seed.parallel.state import ParallelState
 from moe.kernels import ops, resolve_backend
+from moe.kernels.reference import expert_counts
 
 
 class AuxLossAutoScaler(torch.autograd.Function):
@@ -94,17 +95,6 @@ def apply_capacity(weights_TA: torch.Tensor, experts_TA: torch.Tensor, num_exper
     rank_in_expert = torch.empty_like(order)
     rank_in_expert[order] = torch.arange(order.numel(), device=order.device) - starts[flat_e[order]]
     return torch.where(rank_in_expert < capacity, flat_e, num_experts).view(T, A)
-
-
-def expert_counts(experts_TA: torch.Tensor, num_experts: int, valid_T: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Slots routed to each expert, ``[E]`` int64, counting only tokens with ``valid_T`` True when given.
-
-    A scatter-add into ``[E]``: unlike ``bincount`` (output size = largest id + 1) or a boolean
-    index, its shapes do not depend on the data, so ``torch.compile`` traces it and a GPU never
-    waits on the host. Every id must be ``< num_experts`` (count before capacity dropping).
-    """
-    ones_TA = torch.ones_like(experts_TA) if valid_T is None else valid_T.to(experts_TA.dtype).unsqueeze(1).expand_as(experts_TA)
-    return experts_TA.new_zeros(num_experts).scatter_add_(0, experts_TA.reshape(-1), ones_TA.reshape(-1))
 
 
 class Router(nn.Module):

@@ -2,6 +2,7 @@
 critic values, budget splitting, seeding, chat-text generation."""
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
 from megatron_seed.config import ConfigError, RolloutConfig
 from megatron_seed.parallel.state import ParallelState
@@ -41,7 +42,9 @@ def test_compiled_decode_equals_reference_and_trainer():
     model = single_model()
     max_new = 10
     stop = [stop_token_for(model, PROMPTS[0], 3, max_new)]
+    counters.clear()
     out = engine(model, stop, compile=True).generate(PROMPTS, n=2, sampling=GREEDY, max_new_tokens=max_new)
+    assert not counters["graph_break"], dict(counters["graph_break"])  # the whole step, MoE layers included, is one graph
     assert out.responses() == [greedy_reference(model, p, max_new, stop) for p in PROMPTS for _ in range(2)]
     assert out.finish_reasons[0] == "stop" and len(out.responses()[0]) == 4
     recomputed = trainer_log_probs(model, out, ParallelState.single())

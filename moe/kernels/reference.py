@@ -74,18 +74,29 @@ def topk_routing(
     return weights_TA, experts_TA, scores_TE
 
 
+def expert_counts(experts_TA: torch.Tensor, num_experts: int, valid_T: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Slots routed to each expert, ``[E]`` int64, counting only tokens with ``valid_T`` True when given.
+
+    A scatter-add into ``[E]``: unlike ``bincount`` (output size = largest id + 1) or a boolean
+    index, its shapes do not depend on the data, so ``torch.compile`` traces it and a GPU never
+    waits on the host. Every id must be ``< num_experts``.
+    """
+    ones_TA = torch.ones_like(experts_TA) if valid_T is None else valid_T.to(experts_TA.dtype).unsqueeze(1).expand_as(experts_TA)
+    return experts_TA.new_zeros(num_experts).scatter_add_(0, experts_TA.reshape(-1), ones_TA.reshape(-1))
+
+
 def sort_slots(experts_TA: torch.Tensor, num_experts: int, droppable: bool = True) -> tuple:
     """``(slots_N, tokens_per_expert_E)``: kept slot ids (``t * A + a``) sorted by expert.
 
     Slots whose expert id is ``>= num_experts`` (dropped by capacity, or owned by another
     rank) are left out. The sort is stable, so within an expert slots keep token order.
     ``droppable=False`` promises no such id: every slot is kept without the host sync that
-    sizing the kept set needs.
+    sizing the kept set needs, and every shape is fixed (torch.compile traces it whole).
     """
     flat = experts_TA.reshape(-1)
     order = torch.sort(flat, stable=True).indices
     if not droppable:
-        return order, torch.bincount(flat, minlength=num_experts)
+        return order, expert_counts(experts_TA, num_experts)
     counts = torch.bincount(flat.clamp(max=num_experts), minlength=num_experts + 1)
     tokens_per_expert_E = counts[:num_experts]
     return order[: int(tokens_per_expert_E.sum())], tokens_per_expert_E
@@ -268,8 +279,16 @@ def grouped_mm(x_NK: torch.Tensor, w_EKO: torch.Tensor, tokens_per_expert_E: tor
     """``out[rows of e] = x[rows of e] @ w[e]``; rows sorted by expert, ``sum(counts) == N``.
 
     Uses ``torch._grouped_mm`` (one call, no loop over experts) when the layout allows it,
-    else a padded ``bmm``.
+    else a padded ``bmm``. Under ``torch.compile`` without gradients (compiled rollout
+    decode) it is one opaque op, ``megatron_seed::grouped_mm``: ``torch._grouped_mm``'s
+    fake-tensor rule accepts bf16 only, while CPU runs it in fp32.
     """
+    if torch.compiler.is_compiling() and not _needs_grad(x_NK, w_EKO):
+        return _grouped_mm_op(x_NK, w_EKO, tokens_per_expert_E)
+    return _grouped_mm_eager(x_NK, w_EKO, tokens_per_expert_E)
+
+
+def _grouped_mm_eager(x_NK: torch.Tensor, w_EKO: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
     N, O = x_NK.shape[0], w_EKO.shape[2]
     if N == 0:
         # an empty product that keeps x and w in the graph, so collectives in their
@@ -282,3 +301,13 @@ def grouped_mm(x_NK: torch.Tensor, w_EKO: torch.Tensor, tokens_per_expert_E: tor
             return _GroupedMM.apply(x_NK, w_EKO, offs)
         return torch._grouped_mm(x_NK, w_EKO, offs=offs)
     return _segment_mm_padded(x_NK, w_EKO, tokens_per_expert_E)
+
+
+@torch.library.custom_op("megatron_seed::grouped_mm", mutates_args=())
+def _grouped_mm_op(x_NK: torch.Tensor, w_EKO: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
+    return _grouped_mm_eager(x_NK, w_EKO, tokens_per_expert_E)
+
+
+@_grouped_mm_op.register_fake
+def _(x_NK: torch.Tensor, w_EKO: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
+    return x_NK.new_empty(x_NK.shape[0], w_EKO.shape[2])
