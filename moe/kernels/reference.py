@@ -280,34 +280,31 @@ def grouped_mm(x_NK: torch.Tensor, w_EKO: torch.Tensor, tokens_per_expert_E: tor
 
     Uses ``torch._grouped_mm`` (one call, no loop over experts) when the layout allows it,
     else a padded ``bmm``. Under ``torch.compile`` without gradients (compiled rollout
-    decode) it is one opaque op, ``megatron_seed::grouped_mm``: ``torch._grouped_mm``'s
-    fake-tensor rule accepts bf16 only, while CPU runs it in fp32.
+    decode) ``torch._grouped_mm`` runs as the opaque op ``megatron_seed::grouped_mm``: its
+    fake-tensor rule accepts bf16 only, while CPU runs it in fp32. The layout checks and the
+    offsets stay in the traced code, so the opaque call is the bare GEMM.
     """
-    if torch.compiler.is_compiling() and not _needs_grad(x_NK, w_EKO):
-        return _grouped_mm_op(x_NK, w_EKO, tokens_per_expert_E)
-    return _grouped_mm_eager(x_NK, w_EKO, tokens_per_expert_E)
-
-
-def _grouped_mm_eager(x_NK: torch.Tensor, w_EKO: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
     N, O = x_NK.shape[0], w_EKO.shape[2]
     if N == 0:
         # an empty product that keeps x and w in the graph, so collectives in their
         # backward (the dispatcher's all-to-all) still run on this rank
         return x_NK @ w_EKO[0]
     usable = x_NK.device.type == "cpu" or x_NK.dtype == torch.bfloat16
-    if usable and _aligned(x_NK) and _aligned(w_EKO) and (O * x_NK.element_size()) % 16 == 0 and (x_NK.shape[1] * x_NK.element_size()) % 16 == 0:
-        offs = torch.cumsum(tokens_per_expert_E, 0, dtype=torch.int32)
-        if _needs_grad(x_NK, w_EKO):
-            return _GroupedMM.apply(x_NK, w_EKO, offs)
-        return torch._grouped_mm(x_NK, w_EKO, offs=offs)
-    return _segment_mm_padded(x_NK, w_EKO, tokens_per_expert_E)
+    if not (usable and _aligned(x_NK) and _aligned(w_EKO) and (O * x_NK.element_size()) % 16 == 0 and (x_NK.shape[1] * x_NK.element_size()) % 16 == 0):
+        return _segment_mm_padded(x_NK, w_EKO, tokens_per_expert_E)
+    offs = torch.cumsum(tokens_per_expert_E, 0, dtype=torch.int32)
+    if _needs_grad(x_NK, w_EKO):
+        return _GroupedMM.apply(x_NK, w_EKO, offs)
+    if torch.compiler.is_compiling():
+        return _grouped_mm_op(x_NK, w_EKO, offs)
+    return torch._grouped_mm(x_NK, w_EKO, offs=offs)
 
 
 @torch.library.custom_op("megatron_seed::grouped_mm", mutates_args=())
-def _grouped_mm_op(x_NK: torch.Tensor, w_EKO: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
-    return _grouped_mm_eager(x_NK, w_EKO, tokens_per_expert_E)
+def _grouped_mm_op(x_NK: torch.Tensor, w_EKO: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
+    return torch._grouped_mm(x_NK, w_EKO, offs=offs_E)
 
 
 @_grouped_mm_op.register_fake
-def _(x_NK: torch.Tensor, w_EKO: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
+def _(x_NK: torch.Tensor, w_EKO: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
     return x_NK.new_empty(x_NK.shape[0], w_EKO.shape[2])
