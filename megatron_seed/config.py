@@ -135,7 +135,7 @@ class RolloutConfig:
     samples_per_prompt: int = 4
     kv_cache_budget_mb: float = 256.0
     # native engine: run decode steps through torch.compile (one process per model replica only: tp = pp = ep = etp = cp = 1,
-    # other layouts decode eagerly). Off by default: the first rollout pays the compilation (20-30 s on a 2-core CPU, which
+    # other layouts decode eagerly). Off by default: the first rollout pays the compilation (10-30 s a graph on a 2-core CPU, which
     # needs a C++ compiler), which only long RL runs earn back. See rl/rollout/engine.py.
     compile: bool = False
     engine: str = "native"  # native | external (vLLM / SGLang adapter)
