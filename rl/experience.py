@@ -137,6 +137,32 @@ def pad_columns(exp: dict, multiple: int) -> dict:
     return out
 
 
+def append_bootstrap_column(exp: dict) -> dict:
+    """One more column so the critic's output one position past every response exists.
+
+    The critic's value of a whole response, ``V(tokens[:last+2])``, is its output at
+    ``last + 1``, whose input is the last response token ``labels_BS[:, last]``; a row whose
+    response ends in the last column has no such position. The new column's input is each
+    row's last label (a real token where ``mask_BS[:, -1]``), its position one past, and it
+    carries no label or loss (``mask_BS`` False).
+    """
+    out = {}
+    last_real_B = exp["mask_BS"][:, -1]
+    for key, value in exp.items():
+        if key.endswith("_BS"):
+            if key == "input_ids_BS":
+                fill = exp["labels_BS"][:, -1:]
+            elif key == "position_ids_BS":
+                fill = value[:, -1:] + 1
+            elif key == "padding_mask_BS":
+                fill = last_real_B[:, None]
+            else:
+                fill = torch.zeros((value.shape[0], 1), dtype=value.dtype)
+            value = torch.cat([value, fill.to(value.dtype)], dim=1)
+        out[key] = value
+    return out
+
+
 def split_mini_batches(exp: dict, mini_batches: int) -> list:
     """``mini_batches`` consecutive, equal row ranges of ``exp`` (one optimizer step each)."""
     B = num_rows(exp)

@@ -36,8 +36,8 @@ from megatron_seed.parallel.pipeline import forward_backward
 from megatron_seed.parallel.state import ParallelState
 from megatron_seed.parallel.tensor_parallel import vocab_parallel_entropy, vocab_parallel_log_probs
 from megatron_seed.train.trainer import Trainer, autocast_context, split_microbatches
-from rl.advantage import compute_advantages, place_terminal_reward
-from rl.experience import check_experience, pad_columns, split_mini_batches
+from rl.advantage import compute_advantages, place_terminal_reward, values_after_response
+from rl.experience import append_bootstrap_column, check_experience, pad_columns, split_mini_batches
 from rl.losses import LossNormalizer, actor_loss, compute_normalizer, explained_variance, reduce_metrics, value_loss
 
 
@@ -160,7 +160,8 @@ class PPOTrainer:
     ``rl.kl_coef > 0``). ``recompute_logprobs``: take the behaviour log-probs from the
     actor's own forward (same kernels as training, so the first ratio is exactly 1)
     instead of those the rollout engine reported. ``bootstrap_truncated``: GAE bootstraps
-    rows cut off by ``max_new_tokens`` from their last value; off by default because
+    rows cut off by ``max_new_tokens`` from the critic's value of the whole cut response
+    (one position past the last token, a column appended for it); off by default because
     outcome rewards (verifier, overlong penalty) score the cut response as final, so
     the episode ended there and a bootstrap would count the future twice.
     """
@@ -201,13 +202,15 @@ class PPOTrainer:
     def prepare(self, batch: dict) -> tuple:
         """Fill old log-probs / values / reference log-probs, then advantages and returns; ``(batch, metrics)``."""
         check_experience(batch)
+        if self.bootstrap_truncated:  # the critic's value after the last token needs one more position
+            batch = append_bootstrap_column(batch)
         batch = pad_columns(batch, self.ps.tp_size)
         filled = {}
         if self.recompute_logprobs or "old_logprobs_BS" not in batch:
             filled["old_logprobs_BS"] = self.policy_logprobs(self.actor, batch)
         if self.reference is not None:
             filled["ref_logprobs_BS"] = self.policy_logprobs(self.reference, batch)
-        if "old_values_BS" not in batch:
+        if "old_values_BS" not in batch or self.bootstrap_truncated:  # rollout values stop before the last token
             filled["old_values_BS"] = self.critic_values(batch)
         # None on all but the last pipeline stage; a None entry would break the micro-batch split
         batch.update({key: value for key, value in filled.items() if value is not None})
@@ -215,8 +218,11 @@ class PPOTrainer:
         if self.ps.is_last_stage:
             mask_BS = batch["mask_BS"]
             rewards_BS = place_terminal_reward(batch["rewards_B"].to(torch.float32), mask_BS)
-            truncated_B = batch["truncated_B"] if self.bootstrap_truncated else None
-            adv = compute_advantages(rewards_BS, batch["old_values_BS"], mask_BS, self.cfg, truncated_B, self.ps.group("dp"))
+            truncated_B, values_after_B = None, None
+            if self.bootstrap_truncated:
+                truncated_B, values_after_B = batch["truncated_B"], values_after_response(batch["old_values_BS"], mask_BS)
+            adv = compute_advantages(rewards_BS, batch["old_values_BS"], mask_BS, self.cfg, truncated_B, self.ps.group("dp"),
+                                     values_after_B)
             batch["advantages_BS"], batch["returns_BS"] = adv.advantages_BS.float(), adv.returns_BS.float()
             metrics["critic/explained_variance_before"] = explained_variance(batch["old_values_BS"], batch["returns_BS"], mask_BS,
                                                                              self.ps.group("dp"))

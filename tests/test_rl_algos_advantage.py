@@ -14,17 +14,20 @@ from rl.advantage import (
     length_adaptive_lambda,
     masked_whiten,
     place_terminal_reward,
+    reverse_linear_scan,
+    values_after_response,
 )
 
 
-def reference_gae(rewards, values, mask, gamma, lam_per_seq, truncated=None):
-    """Textbook GAE, one sequence and one token at a time, on the list of response positions."""
+def reference_gae(rewards, values, mask, gamma, lam_per_seq, truncated=None, values_after=None):
+    """Textbook GAE, one sequence and one token at a time, on the list of response positions;
+    a truncated row bootstraps from ``values_after[b]``, the value after its last token."""
     B, S = mask.shape
     adv = torch.zeros(B, S, dtype=torch.float64)
     for b in range(B):
         pos = [t for t in range(S) if mask[b, t]]
         lam = float(lam_per_seq[b])
-        next_v = float(values[b, pos[-1]]) if (truncated is not None and truncated[b] and pos) else 0.0
+        next_v = float(values_after[b]) if (truncated is not None and truncated[b] and pos) else 0.0
         next_a = 0.0
         for t in reversed(pos):
             delta = float(rewards[b, t]) + gamma * next_v - float(values[b, t])
@@ -63,13 +66,44 @@ def test_gae_per_sequence_lambda_and_truncation():
     rewards, values, mask = random_batch(seed=3)
     lam_B = torch.tensor([0.0, 0.3, 0.95, 1.0, 0.5], dtype=torch.float64)
     truncated = torch.tensor([True, False, True, False, True])
-    got = gae(rewards, values, mask, 0.97, lam_B, truncated)
-    want = reference_gae(rewards, values, mask, 0.97, lam_B, truncated)
+    after = torch.randn(5, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    got = gae(rewards, values, mask, 0.97, lam_B, truncated, after)
+    want = reference_gae(rewards, values, mask, 0.97, lam_B, truncated, after)
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
     # truncation changes exactly the truncated rows
     plain = gae(rewards, values, mask, 0.97, lam_B)
     changed = (got != plain).any(dim=1)
     assert changed.tolist() == truncated.tolist()
+    # the last token's own value is V before it was sampled: bootstrapping from it is the old bug
+    last = torch.where(mask, torch.arange(mask.shape[1]), -1).amax(1)
+    wrong = reference_gae(rewards, values, mask, 0.97, lam_B, truncated, values[torch.arange(5), last])
+    assert not torch.allclose(got, wrong)
+    with pytest.raises(ValueError, match="values_after_B"):
+        gae(rewards, values, mask, 0.97, lam_B, truncated)
+
+
+def test_values_after_response_reads_one_past_the_last_token():
+    mask = torch.tensor([[False, True, True, False, False], [True, True, True, True, False]])
+    values = torch.arange(10, dtype=torch.float64).view(2, 5)
+    assert values_after_response(values, mask).tolist() == [3.0, 9.0]
+    full = torch.tensor([[False, True, True, True, True]])
+    with pytest.raises(ValueError, match="append_bootstrap_column"):
+        values_after_response(torch.zeros(1, 5), full)
+
+
+@pytest.mark.parametrize("S", [1, 2, 7, 64, 1000])
+def test_reverse_linear_scan_equals_the_loop(S):
+    g = torch.Generator().manual_seed(S)
+    deltas = torch.randn(3, S, dtype=torch.float64, generator=g)
+    decays = torch.rand(3, S, dtype=torch.float64, generator=g) * 1.1  # above 1 too: nothing assumes a contraction
+    decays[0, S // 2] = 0.0  # lambda = 0 cuts the carry
+    want = torch.zeros_like(deltas)
+    carry = torch.zeros(3, dtype=torch.float64)
+    for t in range(S - 1, -1, -1):
+        carry = deltas[:, t] + decays[:, t] * carry
+        want[:, t] = carry
+    got = reverse_linear_scan(deltas, decays)
+    assert float((got - want).norm() / want.norm()) < 1e-13
 
 
 def test_monte_carlo_returns_with_lambda_one():
@@ -101,17 +135,19 @@ def test_length_adaptive_lambda():
 def test_decoupled_length_adaptive_compute_advantages():
     rewards, values, mask = random_batch(seed=5, S=40)
     truncated = torch.tensor([False, True, False, False, True])
+    after = torch.tensor([0.0, 0.7, 0.0, 0.0, -1.3], dtype=torch.float64)
     cfg = RLConfig(gamma=1.0, lambda_value=1.0, length_adaptive=True, length_alpha=0.1, whiten_advantages=False)
-    out = compute_advantages(rewards, values, mask, cfg, truncated)
+    out = compute_advantages(rewards, values, mask, cfg, truncated, values_after_B=after)
     lengths = mask.sum(1).double()
     lam_policy = (1 - 1 / (0.1 * lengths)).clamp(0, 1)
     torch.testing.assert_close(out.lambda_policy_B, lam_policy)
-    torch.testing.assert_close(out.advantages_BS, reference_gae(rewards, values, mask, 1.0, lam_policy, truncated))
-    value_adv = reference_gae(rewards, values, mask, 1.0, [1.0] * 5, truncated)
+    torch.testing.assert_close(out.advantages_BS, reference_gae(rewards, values, mask, 1.0, lam_policy, truncated, after))
+    value_adv = reference_gae(rewards, values, mask, 1.0, [1.0] * 5, truncated, after)
     torch.testing.assert_close(out.returns_BS, torch.where(mask, value_adv + values, 0.0))
     # fixed lambda_policy when length adaptation is off
-    fixed = compute_advantages(rewards, values, mask, dataclasses.replace(cfg, length_adaptive=False, lambda_policy=0.9), truncated)
-    torch.testing.assert_close(fixed.advantages_BS, reference_gae(rewards, values, mask, 1.0, [0.9] * 5, truncated))
+    fixed = compute_advantages(rewards, values, mask, dataclasses.replace(cfg, length_adaptive=False, lambda_policy=0.9), truncated,
+                               values_after_B=after)
+    torch.testing.assert_close(fixed.advantages_BS, reference_gae(rewards, values, mask, 1.0, [0.9] * 5, truncated, after))
 
 
 def test_whitening_single_process():
@@ -147,3 +183,33 @@ def test_bad_shapes_are_named():
         gae(torch.zeros(2, 3), torch.zeros(2, 4), mask, 1.0, 0.9)
     with pytest.raises(ValueError, match="2-D bool"):
         gae(torch.zeros(2, 3), torch.zeros(2, 3), mask.float(), 1.0, 0.9)
+
+
+@pytest.mark.timeout(120)
+def test_ppo_truncation_bootstrap_is_the_critics_value_of_the_whole_response():
+    """Through PPOTrainer.prepare: a truncated row's return at its last token (gamma = lambda = 1) is
+    r + V(prompt + whole response), the critic run on the full row, even when the row fills the batch."""
+    from megatron_seed.parallel.state import ParallelState
+    from megatron_seed.train.trainer import Trainer
+    from rl.experience import from_sequences
+    from rl.ppo import PPOTrainer, init_critic_from_actor, rl_trainer_config
+    from tests.model_utils import tiny_config, tiny_model
+
+    cfg = tiny_config(tiny_model(), micro_batch_size=2)
+    cfg.rl = RLConfig(gamma=1.0, lambda_value=1.0, whiten_advantages=False, lm_loss_coef=0.0)
+    ps = ParallelState.single()
+    actor = Trainer(rl_trainer_config(cfg, "actor", 4), ps)
+    critic = Trainer(rl_trainer_config(cfg, "critic", 4), ps)
+    init_critic_from_actor(critic, actor)
+    prompts, responses = [[5, 6], [7, 8, 9], [3, 4], [10, 11]], [[1, 2, 3, 4, 5], [6, 7], [8, 9, 10], [12]]
+    rewards, truncated = [0.5, 1.0, -1.0, 0.0], [True, True, False, False]  # row 0 fills the width
+    batch, _ = PPOTrainer(actor, critic, cfg.rl, bootstrap_truncated=True).prepare(
+        from_sequences(prompts, responses, rewards, truncated=truncated))
+    critic.chunks[0].eval()
+    for b in range(4):
+        row = torch.tensor([prompts[b] + responses[b]])
+        with torch.no_grad():
+            v_after = float(critic.chunks[0](row)[0, -1])  # V(tokens[:n]): the state after the last token
+        last = len(prompts[b]) + len(responses[b]) - 2
+        want = rewards[b] + (v_after if truncated[b] else 0.0)
+        assert float(batch["returns_BS"][b, last]) == pytest.approx(want, rel=1e-5, abs=1e-6)
