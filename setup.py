@@ -21,6 +21,8 @@ setup(
         "safetensors",
         "tqdm",
         "math-verify",
+        "tensorboard",  # metrics of every run (imported lazily)
+        "matplotlib",  # PNG plots at the end of an RL run (imported lazily)
     ],
     extras_require={
         "test": ["pytest", "pytest-timeout", "transformers", "tokenizers"],

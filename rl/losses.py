@@ -11,19 +11,21 @@ Aggregation (``agg``) over the tokens of one optimizer step's global batch:
 * ``sequence``: ``sum_b (sum_t x_bt / l_b) / N_seq`` with ``l_b`` the response length
   and ``N_seq`` the non-empty sequences of the global batch.
 
-The denominators ``N_tok`` / ``N_seq`` are computed once per optimizer step by
-:func:`compute_normalizer` over all micro-batches and data-parallel ranks and passed
-to every micro-batch's loss. Each micro-batch's loss is then its share of the global
-loss: summing the micro-batch gradients and all-reducing them with SUM over the
-data-parallel group (what :class:`megatron_seed.train.trainer.Trainer` does) gives
-exactly the single-process gradient of the whole batch. Under context parallelism
-use ``token``: ``sequence`` needs whole sequences on one rank.
+The denominators ``N_tok`` / ``N_seq`` of one optimizer step are the global totals
+of :func:`normalizer_units` (counted per micro-batch here, summed over the step's
+micro-batches and the ``dp_cp`` ranks by :meth:`megatron_seed.train.trainer.Trainer.train_step`)
+and reach every micro-batch's loss as a :class:`LossNormalizer`. Each micro-batch's
+loss is then its share of the global loss: summing the micro-batch gradients and
+all-reducing them with SUM over the data-parallel group gives exactly the
+single-process gradient of the whole batch. Under context parallelism use ``token``:
+``sequence`` needs whole sequences on one rank.
 
 Every loss returns ``(loss, metrics)``. Metrics follow the same rule as the loss:
 each is a detached 0-d tensor holding this micro-batch's share of the global-batch
-value (a token mean: sum over this micro-batch's valid tokens / ``N_tok``), so
-:func:`reduce_metrics` (sum over micro-batches, SUM over data-parallel ranks) gives
-the exact global-batch numbers.
+value (a token mean: sum over this micro-batch's valid tokens / ``N_tok``), so their
+sum over micro-batches and ranks is the exact global-batch number;
+:func:`value_metrics` turns the summed moments of :func:`value_loss` into the
+explained variance.
 """
 from __future__ import annotations
 
@@ -74,33 +76,37 @@ class LossNormalizer:
         return max(n, 1.0)
 
 
-def compute_normalizer(
-    masks_BS: Sequence[torch.Tensor],
-    positives_B: Optional[Sequence[torch.Tensor]] = None,
-    dp_group: Group = None,
-) -> LossNormalizer:
-    """Count tokens and sequences over this rank's micro-batches, then SUM over ``dp_group``.
+    @classmethod
+    def from_totals(cls, totals: dict) -> "LossNormalizer":
+        """From the global totals of :func:`normalizer_units` (missing positive counts are 0)."""
+        return cls(totals["tokens"], totals["sequences"], totals.get("positive_tokens", 0.0), totals.get("positive_sequences", 0.0))
 
-    ``masks_BS`` holds the response mask of every micro-batch this rank runs in the
-    step; ``positives_B`` the matching per-sequence bools (reward marks the sample
-    correct) for the positive-example LM loss. One all-reduce of four numbers.
-    """
+
+def normalizer_units(mask_BS: torch.Tensor, positive_B: Optional[torch.Tensor] = None) -> dict:
+    """One micro-batch's counts of the :class:`LossNormalizer` units: response ``tokens``,
+    non-empty ``sequences`` and, given ``positive_B`` (one bool per row: the reward marks
+    the sample correct), ``positive_tokens`` / ``positive_sequences``."""
+    _check(mask_BS)
+    lengths_B = mask_BS.sum(dim=1).double()
+    units = {"tokens": lengths_B.sum(), "sequences": (lengths_B > 0).double().sum()}
+    if positive_B is not None:
+        if positive_B.shape != lengths_B.shape:
+            raise ValueError(f"positive_B has shape {tuple(positive_B.shape)}; expected [{lengths_B.shape[0]}] (one bool per sequence)")
+        pos_B = positive_B.bool().to(lengths_B.device)
+        units["positive_tokens"] = lengths_B[pos_B].sum()
+        units["positive_sequences"] = (lengths_B[pos_B] > 0).double().sum()
+    return units
+
+
+def compute_normalizer(masks_BS: Sequence[torch.Tensor], positives_B: Optional[Sequence[torch.Tensor]] = None) -> LossNormalizer:
+    """The normaliser of micro-batches held by one process (a step without data parallelism)."""
     if positives_B is not None and len(positives_B) != len(masks_BS):
         raise ValueError(f"{len(positives_B)} positive masks for {len(masks_BS)} micro-batches; pass one per micro-batch")
-    counts = torch.zeros(4, dtype=torch.float64)
+    totals: dict = {}
     for i, mask_BS in enumerate(masks_BS):
-        _check(mask_BS)
-        lengths_B = mask_BS.sum(dim=1).cpu()
-        counts[0] += lengths_B.sum()
-        counts[1] += (lengths_B > 0).sum()
-        if positives_B is not None:
-            pos_B = positives_B[i].bool().cpu()
-            if pos_B.shape != lengths_B.shape:
-                raise ValueError(f"positives_B[{i}] has shape {tuple(pos_B.shape)}; expected [{lengths_B.shape[0]}]")
-            counts[2] += lengths_B[pos_B].sum()
-            counts[3] += (lengths_B[pos_B] > 0).sum()
-    tokens, sequences, pos_tokens, pos_sequences = all_reduce_no_grad(counts, dp_group).tolist()
-    return LossNormalizer(tokens, sequences, pos_tokens, pos_sequences)
+        for k, v in normalizer_units(mask_BS, None if positives_B is None else positives_B[i]).items():
+            totals[k] = totals.get(k, 0.0) + float(v)
+    return LossNormalizer.from_totals(totals)
 
 
 def masked_aggregate(x_BS: torch.Tensor, mask_BS: torch.Tensor, agg: str, denominator: float) -> torch.Tensor:
@@ -322,19 +328,9 @@ def value_loss(
     return loss, metrics
 
 
-def reduce_metrics(metrics: Sequence[dict], group: Group = None) -> dict:
-    """Global-batch metrics as plain floats: sum the shares over micro-batches, then over ``group``.
-
-    Every rank must pass dicts with the same keys (one per micro-batch). The moments
-    of :func:`value_loss` become ``explained_variance``.
-    """
-    if not metrics:
-        return {}
-    keys = sorted(metrics[0])
-    sums = torch.zeros(len(keys), dtype=torch.float64)
-    for m in metrics:
-        sums += torch.stack([torch.as_tensor(m[k], dtype=torch.float64) for k in keys])
-    out = dict(zip(keys, all_reduce_no_grad(sums, group).tolist()))
+def value_metrics(sums: dict) -> dict:
+    """Reported critic metrics from summed shares: the moments of :func:`value_loss` become ``explained_variance``."""
+    out = dict(sums)
     if all(k in out for k in _EV_MOMENTS):
         out["explained_variance"] = _explained_variance_from_moments(*(out.pop(k) for k in _EV_MOMENTS))
     return out

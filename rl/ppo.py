@@ -14,14 +14,16 @@ this rank's share of the global batch (:func:`rl.experience.dp_shard`):
    NLL + optional KL / entropy terms) and one of the critic (clipped value loss).
 
 Both models run on the same :class:`~megatron_seed.parallel.state.ParallelState`, each in
-its own :class:`~megatron_seed.train.trainer.Trainer` (optimizer, learning rate). Each
-optimizer step computes its loss normaliser once, over the step's micro-batches and
-the data-parallel group (:func:`rl.losses.compute_normalizer`), so micro-batched,
-data-parallel gradients equal those of one process on the whole mini-batch.
-Log-probs and entropies are computed vocab-parallel from the local logit shard.
+its own :class:`~megatron_seed.train.trainer.Trainer` (optimizer, learning rate), and every
+pass goes through the trainer's one step API: :meth:`Trainer.forward` for the
+forward-only passes, :meth:`Trainer.train_step` with :func:`actor_loss_spec` /
+:func:`critic_loss_spec` for the updates (the trainer counts the normaliser's units,
+:func:`rl.losses.normalizer_units`, over the step's micro-batches and ``dp_cp``, so
+micro-batched, data-parallel gradients equal those of one process on the whole
+mini-batch). Log-probs and entropies are computed vocab-parallel from the local logit shard.
 
-Under pipeline parallelism the losses, advantages and metrics live on the last stage;
-the other stages only carry activations (their metrics dict is empty).
+Under pipeline parallelism advantages live on the last stage; the other stages only
+carry activations. The update metrics are shared with every stage by the trainer.
 """
 from __future__ import annotations
 
@@ -32,13 +34,12 @@ import torch
 
 from megatron_seed.config import Config, ConfigError, RLConfig
 from megatron_seed.parallel.mappings import all_reduce_no_grad
-from megatron_seed.parallel.pipeline import forward_backward
 from megatron_seed.parallel.state import ParallelState
 from megatron_seed.parallel.tensor_parallel import vocab_parallel_entropy, vocab_parallel_log_probs
-from megatron_seed.train.trainer import Trainer, autocast_context, split_microbatches
+from megatron_seed.train.trainer import LossSpec, Trainer
 from rl.advantage import compute_advantages, place_terminal_reward, values_after_response
 from rl.experience import append_bootstrap_column, check_experience, pad_columns, split_mini_batches
-from rl.losses import LossNormalizer, actor_loss, compute_normalizer, explained_variance, reduce_metrics, value_loss
+from rl.losses import LossNormalizer, actor_loss, explained_variance, normalizer_units, value_loss, value_metrics
 
 
 def rl_trainer_config(cfg: Config, role: str, rows_per_update: int) -> Config:
@@ -82,29 +83,9 @@ def init_critic_from_actor(critic: Trainer, actor: Trainer) -> None:
     critic.optimizer.sync_master_from_params()
 
 
-def forward_only(trainer_or_chunks, microbatches: list, ps: ParallelState, fn: Callable, schedule: str = "1f1b",
-                 dtype: str = "auto") -> list:
-    """``fn(output, microbatch)`` for every micro-batch, without gradients (last stage; ``[]`` elsewhere)."""
-    chunks = trainer_or_chunks.chunks if isinstance(trainer_or_chunks, Trainer) else trainer_or_chunks
-    for m in chunks:
-        m.eval()
-
-    def loss_fn(output: torch.Tensor, mb: dict) -> tuple:
-        return torch.zeros(()), fn(output, mb)
-
-    with torch.no_grad(), autocast_context(dtype):
-        return forward_backward(chunks, microbatches, loss_fn, ps, schedule, forward_only=True)
-
-
 def critic_values(critic: Trainer, batch: dict) -> Optional[torch.Tensor]:
-    """The critic's ``V`` at every position ``[B, S]``, micro-batched like its training steps (last stage; None elsewhere)."""
-    c = critic.cfg
-    return _concat(forward_only(critic, split_microbatches(batch, c.train.micro_batch_size), critic.ps,
-                                lambda values, mb: values.float(), c.parallel.pp_schedule, c.train.dtype))
-
-
-def _concat(parts: list) -> Optional[torch.Tensor]:
-    return torch.cat(parts, dim=0) if parts else None
+    """The critic's ``V`` at every position ``[B, S]`` (last stage; None elsewhere)."""
+    return critic.forward(batch, lambda values, mb: values.float())
 
 
 def actor_loss_fn(ps: ParallelState, cfg: RLConfig, norm: LossNormalizer) -> Callable:
@@ -130,22 +111,17 @@ def critic_loss_fn(norm: LossNormalizer, clip: Optional[float], agg: str) -> Cal
     return loss_fn
 
 
-def optimizer_update(trainer: Trainer, batch: dict, loss_fn_of: Callable[[LossNormalizer], Callable], positives: bool) -> dict:
-    """One optimizer step of ``trainer`` on ``batch`` (this rank's rows of one mini-batch).
+def actor_loss_spec(cfg: RLConfig) -> LossSpec:
+    """The actor's step: normalised by the response tokens / sequences (and those of the positive rows)."""
+    return LossSpec(units=lambda mb: normalizer_units(mb["mask_BS"], mb["correct_B"]),
+                    build=lambda totals, ps: actor_loss_fn(ps, cfg, LossNormalizer.from_totals(totals)))
 
-    ``loss_fn_of(norm)`` builds the micro-batch loss from the step's global normaliser
-    (counted over the micro-batches and the dp group; ``positives`` also counts the
-    tokens of rows with ``correct_B``). Returns the global-batch metrics and the grad norm.
-    """
-    ps = trainer.ps
-    microbatches = split_microbatches(batch, trainer.cfg.train.micro_batch_size)
-    norm = compute_normalizer([mb["mask_BS"] for mb in microbatches],
-                              [mb["correct_B"] for mb in microbatches] if positives else None, ps.group("dp"))
-    stats = trainer.forward_backward(microbatches, loss_fn_of(norm))
-    metrics = reduce_metrics(stats, ps.group("dp"))
-    grad_norm, _ = trainer.optimizer_step()
-    metrics["grad_norm"] = grad_norm
-    return metrics
+
+def critic_loss_spec(clip: Optional[float], agg: str) -> LossSpec:
+    """The critic's step (``clip=None``: the plain value loss of value pretraining); reports explained variance."""
+    return LossSpec(units=lambda mb: normalizer_units(mb["mask_BS"]),
+                    build=lambda totals, ps: critic_loss_fn(LossNormalizer.from_totals(totals), clip, agg),
+                    finalize=value_metrics)
 
 
 def _mean_metrics(updates: list, prefix: str) -> dict:
@@ -185,16 +161,10 @@ class PPOTrainer:
         self.updates: list = []  # per optimizer step: {"actor": metrics, "critic": metrics} of the last step() call
 
     # ------------------------------------------------------------------ forward-only passes
-    def _micro(self, batch: dict, trainer: Trainer) -> list:
-        return split_microbatches(batch, trainer.cfg.train.micro_batch_size)
-
-    def policy_logprobs(self, chunks_or_trainer, batch: dict) -> Optional[torch.Tensor]:
-        """``log pi(labels_BS)`` of the actor (or other policy chunks) ``[B, S]``, micro-batched like the
-        actor's training steps (last stage; None elsewhere)."""
-        t = self.actor.cfg
-        return _concat(forward_only(chunks_or_trainer, self._micro(batch, self.actor), self.ps,
-                                    lambda logits, mb: vocab_parallel_log_probs(logits, mb["labels_BS"], self.ps),
-                                    t.parallel.pp_schedule, t.train.dtype))
+    def policy_logprobs(self, batch: dict, chunks: Optional[list] = None) -> Optional[torch.Tensor]:
+        """``log pi(labels_BS)`` ``[B, S]`` of the actor (or of other policy ``chunks`` on its groups, e.g.
+        the reference), micro-batched like the actor's training steps (last stage; None elsewhere)."""
+        return self.actor.forward(batch, lambda logits, mb: vocab_parallel_log_probs(logits, mb["labels_BS"], self.ps), chunks)
 
     def critic_values(self, batch: dict) -> Optional[torch.Tensor]:
         return critic_values(self.critic, batch)
@@ -207,9 +177,9 @@ class PPOTrainer:
         batch = pad_columns(batch, self.ps.tp_size)
         filled = {}
         if self.recompute_logprobs or "old_logprobs_BS" not in batch:
-            filled["old_logprobs_BS"] = self.policy_logprobs(self.actor, batch)
+            filled["old_logprobs_BS"] = self.policy_logprobs(batch)
         if self.reference is not None:
-            filled["ref_logprobs_BS"] = self.policy_logprobs(self.reference, batch)
+            filled["ref_logprobs_BS"] = self.policy_logprobs(batch, self.reference)
         if "old_values_BS" not in batch or self.bootstrap_truncated:  # rollout values stop before the last token
             filled["old_values_BS"] = self.critic_values(batch)
         # None on all but the last pipeline stage; a None entry would break the micro-batch split
@@ -235,10 +205,10 @@ class PPOTrainer:
 
     # ------------------------------------------------------------------ updates
     def actor_update(self, batch: dict) -> dict:
-        return optimizer_update(self.actor, batch, lambda norm: actor_loss_fn(self.ps, self.cfg, norm), positives=True)
+        return self.actor.train_step(batch, actor_loss_spec(self.cfg))
 
     def critic_update(self, batch: dict, clip: Optional[float]) -> dict:
-        return optimizer_update(self.critic, batch, lambda norm: critic_loss_fn(norm, clip, self.cfg.loss_agg), positives=False)
+        return self.critic.train_step(batch, critic_loss_spec(clip, self.cfg.loss_agg))
 
     def step(self, batch: dict) -> dict:
         """One PPO step on this rank's rows of a rollout batch; returns metrics (floats).

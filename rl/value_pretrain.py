@@ -27,11 +27,10 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from megatron_seed.config import ConfigError, RLConfig
-from megatron_seed.parallel.mappings import all_reduce_no_grad
 from megatron_seed.train.trainer import Trainer
 from rl.advantage import compute_advantages, place_terminal_reward
 from rl.experience import check_experience, from_rollout, pad_columns, sample_and_score
-from rl.ppo import critic_loss_fn, critic_values, optimizer_update
+from rl.ppo import critic_loss_spec, critic_values
 
 
 @dataclass
@@ -93,15 +92,12 @@ def value_pretrain(
             batch["returns_BS"] = monte_carlo_returns(batch, values_BS, cfg, ps.group("dp")).float()
         else:  # earlier stages only forward activations
             batch["old_values_BS"] = batch["returns_BS"] = batch["mask_BS"].float() * 0
-        metrics = optimizer_update(critic, batch, lambda norm: critic_loss_fn(norm, None, cfg.loss_agg), positives=False)
+        metrics = critic.train_step(batch, critic_loss_spec(None, cfg.loss_agg))
         metrics["step"] = step
         history.append(metrics)
         if log is not None:
             log(step, metrics)
-        stop = ps.is_last_stage and stopper.update(metrics["value_loss"], metrics["explained_variance"])
-        if ps.pp_size > 1:  # the metrics live on the last stage: every stage must stop with it
-            stop = all_reduce_no_grad(torch.tensor([float(stop)]), ps.group("pp")).item() > 0
-        if stop:
+        if stopper.update(metrics["value_loss"], metrics["explained_variance"]):  # same metrics on every rank
             break
     return history
 

@@ -5,10 +5,12 @@ import random
 import pytest
 import torch
 
-from megatron_seed.config import ModelConfig, MoEConfig
+from megatron_seed.config import Config, ConfigError, ModelConfig, MoEConfig
+from megatron_seed.parallel.state import ParallelState
+from megatron_seed.train.trainer import Trainer
 from rl.rewards.base import ScoringSample
-from rl.rewards.pairwise_rm import (ByteEncoder, PairwiseRMScorer, PreferencePair, RewardModel, RMTrainConfig,
-                                    bradley_terry_loss, evaluate, load_pairs, train_reward_model)
+from rl.rewards.pairwise_rm import (PAIRWISE_LOSS, ByteEncoder, PairwiseRMScorer, PreferencePair, RewardModel, evaluate,
+                                    load_pairs, pair_batch, rm_trainer_config, train_reward_model)
 
 LETTERS = "abcdefgh"
 
@@ -29,10 +31,21 @@ def synthetic_pairs(n, seed):
     return pairs
 
 
+def rm_trainer(steps, pairs_per_step, lr=3e-3):
+    cfg = Config(model=tiny_config())
+    cfg.train.steps, cfg.train.lr, cfg.train.min_lr, cfg.train.weight_decay, cfg.train.micro_batch_size = steps, lr, 0.0, 0.0, 8
+    cfg = rm_trainer_config(cfg, pairs_per_step)
+    trainer = Trainer(cfg, ParallelState.single())
+    return trainer, RewardModel(cfg.model, ByteEncoder(), gpt=trainer.chunks[0])
+
+
 def test_bradley_terry_loss_and_accuracy():
-    loss, acc = bradley_terry_loss(torch.tensor([2.0, 0.0]), torch.tensor([0.0, 1.0]))
+    # rows (chosen, rejected) with scores (2, 0) and (0, 1): margins 2 and -1, over 2 pairs of the global batch
+    values_BS = torch.tensor([[2.0], [0.0], [0.0], [1.0]])
+    loss, shares = PAIRWISE_LOSS.build({"pairs": 2.0}, ParallelState.single())(values_BS, {"last_B": torch.zeros(4, dtype=torch.long)})
     expected = (-torch.nn.functional.logsigmoid(torch.tensor(2.0)) - torch.nn.functional.logsigmoid(torch.tensor(-1.0))) / 2
-    assert torch.allclose(loss, expected) and acc.item() == 0.5
+    assert torch.allclose(loss, expected) and shares["accuracy"].item() == 0.5
+    assert PAIRWISE_LOSS.units({"input_ids_BS": values_BS})["pairs"].item() == 2
 
 
 def test_score_is_value_at_last_real_token():
@@ -46,11 +59,10 @@ def test_score_is_value_at_last_real_token():
 @pytest.mark.timeout(300)
 def test_learns_synthetic_preference(one_thread):
     torch.manual_seed(0)
-    model = RewardModel(tiny_config(), ByteEncoder(), seed=0)
+    trainer, model = rm_trainer(steps=150, pairs_per_step=16)
     train, held_out = synthetic_pairs(512, seed=1), synthetic_pairs(200, seed=2)
-    before = evaluate(model, held_out)
-    history = train_reward_model(model, train, RMTrainConfig(steps=150, batch_size=16, lr=3e-3, eval_every=50),
-                                 eval_pairs=held_out)
+    before = evaluate(trainer, model, held_out)
+    history = train_reward_model(trainer, model, train, eval_pairs=held_out, eval_every=50)
     after = history[-1]
     assert after["eval_accuracy"] >= 0.9, history
     assert after["eval_loss"] < before["loss"]
@@ -98,3 +110,40 @@ def test_train_rm_cli(tmp_path, one_thread, capsys):
     assert "36 training pairs, 4 held out" in printed and "eval acc" in printed
     saved = torch.load(out, weights_only=False)
     assert saved["model_config"]["value_head"] is True and saved["state_dict"]
+
+
+def _rm_steps(rank, world, parallel):
+    """Three reward-model steps of 8 pairs under ``parallel``: (loss, accuracy, grad norm) per step."""
+    from megatron_seed.config import ParallelConfig
+
+    cfg = Config(model=tiny_config())
+    cfg.model.vocab_size = 258  # a multiple of tp: the embedding is split over the vocabulary
+    cfg.train.steps, cfg.train.micro_batch_size, cfg.train.adam_eps = 3, 2, 1e-4
+    cfg.parallel = ParallelConfig(**parallel)
+    cfg = rm_trainer_config(cfg, 8)
+    ps = ParallelState.build(cfg.parallel, world, rank) if world > 1 else ParallelState.single()
+    trainer = Trainer(cfg, ps)
+    model = RewardModel(cfg.model, ByteEncoder(), gpt=trainer.chunks[0])
+    history = []
+    train_reward_model(trainer, model, synthetic_pairs(24, seed=4), eval_every=1, log=history.append)
+    return [(r["loss"], r["accuracy"]) for r in history] if trainer.is_logging_rank else None
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("parallel", [{"dp": 2}, {"tp": 2, "sequence_parallel": True}], ids=["dp2", "tp2_sp"])
+def test_reward_model_trains_the_same_under_dp_and_tp(parallel, one_thread):
+    from megatron_seed.parallel.spawn import run_distributed
+
+    want = _rm_steps(0, 1, {})
+    got = [r for r in run_distributed(_rm_steps, 2, parallel) if r is not None]
+    assert len(got) == 1 and len(want) == 3
+    for (loss, acc), (want_loss, want_acc) in zip(got[0], want):
+        assert loss == pytest.approx(want_loss, rel=1e-5) and acc == want_acc
+
+
+def test_reward_model_trainer_needs_a_value_head():
+    cfg = Config(model=tiny_config())
+    cfg.model.value_head = False
+    trainer = Trainer(cfg, ParallelState.single())
+    with pytest.raises(ConfigError, match="value_head"):
+        train_reward_model(trainer, RewardModel(tiny_config(), ByteEncoder()), synthetic_pairs(4, seed=0))

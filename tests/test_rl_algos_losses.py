@@ -9,6 +9,7 @@ import torch
 
 from megatron_seed.config import RLConfig
 from megatron_seed.parallel.spawn import run_distributed
+from megatron_seed.train.trainer import reduce_sums, sum_shares
 from rl.losses import (
     LossNormalizer,
     actor_loss,
@@ -18,8 +19,9 @@ from rl.losses import (
     masked_aggregate,
     policy_loss,
     positive_lm_loss,
-    reduce_metrics,
+    normalizer_units,
     value_loss,
+    value_metrics,
 )
 
 
@@ -169,7 +171,7 @@ def test_explained_variance():
     # the same number from the value-loss metrics of two micro-batches
     norm = compute_normalizer([mask[:1], mask[1:]])
     parts = [value_loss(noisy[rows], returns[rows], returns[rows], mask[rows], norm)[1] for rows in ([0], [1, 2])]
-    assert reduce_metrics(parts)["explained_variance"] == pytest.approx(want.item(), rel=1e-6)
+    assert value_metrics(reduce_sums(sum_shares(parts), None))["explained_variance"] == pytest.approx(want.item(), rel=1e-6)
 
 
 def test_k3_kl_nonnegative_and_zero_at_equality():
@@ -238,7 +240,8 @@ def run_step(policy_sd, critic_sd, data, micro_batches, cfg, group):
     critic = torch.nn.Linear(H, 1).double()
     policy.load_state_dict(policy_sd)
     critic.load_state_dict(critic_sd)
-    norm = compute_normalizer([data["mask"][rows] for rows in micro_batches], [data["positive"][rows] for rows in micro_batches], group)
+    units = sum_shares([normalizer_units(data["mask"][rows], data["positive"][rows]) for rows in micro_batches])
+    norm = LossNormalizer.from_totals(reduce_sums(units, group))
     metrics = []
     for rows in micro_batches:
         loss, m = micro_batch_loss(policy, critic, data, rows, norm, cfg)
@@ -250,7 +253,7 @@ def run_step(policy_sd, critic_sd, data, micro_batches, cfg, group):
 
         for g in grads:
             dist.all_reduce(g, group=group)
-    return grads, reduce_metrics(metrics, group)
+    return grads, value_metrics(reduce_sums(sum_shares(metrics), group))
 
 
 DP_CFG = RLConfig(lm_loss_coef=0.3, kl_coef=0.05, entropy_coef=0.01, dual_clip=3.0, value_clip=0.2)

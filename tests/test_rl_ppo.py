@@ -102,10 +102,10 @@ def test_update_raises_logprob_of_positive_advantage_rows():
     cfg = ppo_config({}, kl_coef=0.0, entropy_coef=0.0, lm_loss_coef=0.0, ppo_epochs=1, mini_batches=1)
     ppo = build(cfg, ParallelState.single())
     batch = synthetic_rollouts(seed=1)
-    before = ppo.policy_logprobs(ppo.actor, batch)
+    before = ppo.policy_logprobs(batch)
     prepared, _ = ppo.prepare(batch)
     ppo.step(batch)
-    after = ppo.policy_logprobs(ppo.actor, batch)
+    after = ppo.policy_logprobs(batch)
     mask, adv = prepared["mask_BS"], prepared["advantages_BS"]
     delta = (after - before)[mask]
     # the surrogate's first-order change: sum A * dlogp > 0 (a gradient step on -sum A * ratio)

@@ -1,10 +1,29 @@
-"""The training loop shared by pretraining and SFT (and reused by RL's updates).
+"""The one train step every phase runs: pretraining, SFT, the PPO actor and critic, value
+pretraining and the pairwise reward model.
 
-One step: split the rank's share of the global batch into micro-batches, normalise
-the loss by the global number of loss tokens (all ranks, all micro-batches), run the
-pipeline schedule's forward/backward, then reduce, clip and update with
-:class:`DistributedOptimizer`. Micro-batch keys: ``input_ids_BS``, ``labels_BS``,
-``loss_mask_BS`` (float), optionally ``position_ids_BS`` and ``doc_ids_BS`` (packing).
+:meth:`Trainer.train_step` takes this rank's share of one optimizer step's global batch
+(a dict of ``[B, ...]`` tensors) and a :class:`LossSpec`:
+
+1. the batch is cut into ``train.micro_batch_size``-row micro-batches;
+2. ``spec.units(mb)`` counts what the loss is normalised by (tokens, positive tokens,
+   sequences, pairs); the counts are summed over the micro-batches and the ``dp_cp``
+   ranks into the step's global totals ``N``;
+3. ``spec.build(N, ps)`` gives the micro-batch loss ``loss_fn(output, mb) -> (loss, shares)``:
+   ``loss`` is the micro-batch's share of the global loss (e.g. ``sum of NLL / N_tok``), so
+   summing the micro-batch gradients and all-reducing them with SUM over ``dp_cp`` (what
+   the optimizer does) gives the one-process gradient of the whole global batch;
+   ``shares`` are metrics in the same form (0-d tensors whose sum over micro-batches and
+   ranks is the global value);
+4. the pipeline schedule runs forward/backward; the shares are summed over micro-batches
+   and ``dp_cp`` (:func:`reduce_sums`), ``spec.finalize`` turns them into reported metrics
+   (e.g. moments into explained variance) and the last pipeline stage shares them with
+   the others, so every rank returns the same metrics;
+5. the optimizer reduces, clips and applies the gradients.
+
+:meth:`Trainer.forward` is the forward-only counterpart (behaviour / reference
+log-probs, critic values, reward-model scores). Language-model micro-batch keys:
+``input_ids_BS``, ``labels_BS``, ``loss_mask_BS`` (float), optionally
+``position_ids_BS``, ``doc_ids_BS`` (packing) and ``padding_mask_BS``.
 
 A NaN/Inf loss or gradient norm stops the run before the update, saying at which
 step; the last checkpoint written stays the latest.
@@ -14,9 +33,11 @@ from __future__ import annotations
 import math
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 from typing import Callable, Iterator, Optional
 
 import torch
+import torch.distributed as dist
 
 from megatron_seed.config import Config, ConfigError, save_config
 from megatron_seed.model.build import build_model_chunks
@@ -50,15 +71,54 @@ def lm_batch(tokens_BS1: torch.Tensor) -> dict:
     }
 
 
-def lm_loss_fn(ps: ParallelState, normaliser: float) -> Callable:
+LossFn = Callable[[torch.Tensor, dict], tuple]
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """How one optimizer step builds its loss (steps 2-4 of the module docstring).
+
+    ``units(mb) -> {name: count}``: this micro-batch's counts of the normaliser's units.
+    ``build(totals, ps) -> loss_fn``: the micro-batch loss from the global totals (floats).
+    ``finalize(sums) -> metrics``: reported metrics from the summed shares (default: as they are).
+    """
+
+    units: Callable[[dict], dict]
+    build: Callable[[dict, ParallelState], LossFn]
+    finalize: Optional[Callable[[dict], dict]] = None
+
+
+def lm_loss_fn(ps: ParallelState, normaliser: float) -> LossFn:
     """Sum of masked NLL over the micro-batch / ``normaliser`` (global loss tokens)."""
 
     def loss_fn(logits_BSV: torch.Tensor, mb: dict) -> tuple:
         nll_BS = -vocab_parallel_log_probs(logits_BSV, mb["labels_BS"], ps)
         nll_sum = (nll_BS * mb["loss_mask_BS"]).sum()
-        return nll_sum / normaliser, {"nll_sum": nll_sum.detach(), "tokens": mb["loss_mask_BS"].sum()}
+        return nll_sum / normaliser, {}
 
     return loss_fn
+
+
+LM_LOSS = LossSpec(units=lambda mb: {"tokens": mb["loss_mask_BS"].sum()},
+                   build=lambda totals, ps: lm_loss_fn(ps, max(1.0, totals["tokens"])))
+
+
+def reduce_sums(values: dict, group) -> dict:
+    """``{name: sum over group of value}`` as floats (one float64 all-reduce; every rank passes the same keys)."""
+    if not values:
+        return {}
+    keys = sorted(values)
+    packet = torch.stack([torch.as_tensor(values[k], dtype=torch.float64).detach().cpu().reshape(()) for k in keys])
+    return dict(zip(keys, all_reduce_no_grad(packet, group).tolist()))
+
+
+def sum_shares(parts: list) -> dict:
+    """Sum the per-micro-batch metric shares key by key (every part has the same keys)."""
+    out: dict = {}
+    for part in parts:
+        for k, v in part.items():
+            out[k] = out.get(k, 0.0) + torch.as_tensor(v, dtype=torch.float64).detach()
+    return out
 
 
 def autocast_context(dtype: str):
@@ -98,32 +158,64 @@ class Trainer:
         t = self.cfg.train
         return lr_at(self.step, t.lr, t.min_lr, t.warmup_steps, t.steps)
 
-    def global_sum(self, value: torch.Tensor, group: str = "dp_cp") -> torch.Tensor:
-        return all_reduce_no_grad(value.detach().clone().double(), self.ps.group(group))
+    def train_step(self, batch: dict, loss: LossSpec = LM_LOSS) -> dict:
+        """One optimizer step on this rank's share of the global batch (see the module docstring).
 
-    def train_step(self, batch: dict, loss_fn_factory: Callable = lm_loss_fn) -> dict:
-        """One optimizer step on this rank's share of the global batch (a dict of ``[B, ...]``)."""
+        Returns (on every rank) ``loss`` (the global loss), the unit totals, the finalized
+        metrics of ``loss``, ``grad_norm``, ``lr`` and the MoE aux loss.
+        """
         microbatches = split_microbatches(batch, self.cfg.train.micro_batch_size)
-        tokens = self.global_sum(batch["loss_mask_BS"].sum())
-        normaliser = max(1.0, tokens.item())
-        stats = self.forward_backward(microbatches, loss_fn_factory(self.ps, normaliser))
-        nll = torch.stack([s["nll_sum"] for s in stats]).sum() if stats else torch.zeros(())
-        # the loss lives on the last pipeline stage; share it so every rank can stop together
-        loss = self.global_sum(nll, "dp_cp")
-        if self.ps.pp_size > 1:
-            loss = all_reduce_no_grad(loss, self.ps.group("pp"))
-        loss = loss.item() / normaliser
-        if not math.isfinite(loss):
-            raise NonFiniteLossError(f"loss is {loss} at step {self.step}")
+        units = sum_shares([loss.units(mb) for mb in microbatches])
+        totals = reduce_sums(units, self.ps.group("dp_cp"))
+        loss_fn = loss.build(totals, self.ps)
+        losses: list = []
+
+        def recording_loss_fn(output: torch.Tensor, mb: dict) -> tuple:
+            value, shares = loss_fn(output, mb)
+            losses.append(value.detach())
+            return value, shares
+
+        stats = self.forward_backward(microbatches, recording_loss_fn)
+        metrics = None
+        if self.ps.is_last_stage:
+            sums = reduce_sums({"loss": sum(losses, torch.zeros(())), **sum_shares(stats)}, self.ps.group("dp_cp"))
+            metrics = loss.finalize(sums) if loss.finalize is not None else sums
+        metrics = self._from_last_stage(metrics)
+        if not math.isfinite(metrics["loss"]):
+            raise NonFiniteLossError(f"loss is {metrics['loss']} at step {self.step}")
         grad_norm, lr = self.optimizer_step()
-        return {"loss": loss, "grad_norm": grad_norm, "lr": lr, "tokens": normaliser, **self.moe_stats()}
+        return {**metrics, **totals, "grad_norm": grad_norm, "lr": lr, **self.moe_stats()}
+
+    def forward(self, batch: dict, fn: Callable[[torch.Tensor, dict], torch.Tensor], chunks: Optional[list] = None) -> Optional[torch.Tensor]:
+        """``fn(output, mb)`` of every micro-batch without gradients, concatenated along the batch.
+
+        ``chunks``: other model chunks on this trainer's groups (a frozen reference
+        policy); default this trainer's. The result lives on the last pipeline stage
+        (None elsewhere).
+        """
+        chunks = self.chunks if chunks is None else chunks
+        for m in chunks:
+            m.eval()
+        microbatches = split_microbatches(batch, self.cfg.train.micro_batch_size)
+        with torch.no_grad(), autocast_context(self.cfg.train.dtype):
+            parts = forward_backward(chunks, microbatches, lambda out, mb: (torch.zeros(()), fn(out, mb)), self.ps,
+                                     self.cfg.parallel.pp_schedule, forward_only=True)
+        return torch.cat(parts, dim=0) if parts else None
+
+    def _from_last_stage(self, metrics: Optional[dict]) -> dict:
+        """The last pipeline stage's metrics on every stage (the loss lives there; every rank must stop together)."""
+        if self.ps.pp_size == 1:
+            return metrics
+        box = [metrics]
+        dist.broadcast_object_list(box, src=self.ps.global_rank("pp", self.ps.pp_size - 1), group=self.ps.group("pp"))
+        return box[0]
 
     def forward_backward(self, microbatches: list, loss_fn: Callable) -> list:
         """Zero the gradients, then accumulate those of ``loss_fn`` over ``microbatches`` (no update).
 
         ``loss_fn(output, microbatch) -> (loss, stats)`` must return each micro-batch's
-        share of the global loss (RL builds its own, see ``rl/ppo.py``). Returns the
-        stats of the last pipeline stage.
+        share of the global loss (see :class:`LossSpec`). Returns the stats of the last
+        pipeline stage.
         """
         for m in self.chunks:
             m.train()

@@ -6,14 +6,21 @@ right-padded, so causal attention never sees the padding). Training minimises th
 Bradley-Terry loss ``-log sigmoid(r_chosen - r_rejected)``; accuracy is the share of
 pairs with ``r_chosen > r_rejected``.
 
+Training goes through the one train step of :class:`megatron_seed.train.trainer.Trainer`
+(:func:`train_reward_model` with :data:`PAIRWISE_LOSS`), so it runs under any dp / tp / ep
+layout on the trainer's optimizer and learning-rate schedule (``train.*``): a batch
+holds each pair as two consecutive rows (chosen, rejected), normalised by the pairs of
+the global batch.
+
 Scoring for non-verifiable prompts (:class:`PairwiseRMScorer`): a response is compared
 with every other response of its group (``ScoringSample.group``), or with the
 reference response when there is no group; its reward is the win rate
 ``mean_j sigmoid(r_i - r_j)`` (the Bradley-Terry probability of winning each duel).
-Single process; the model and optimiser are ordinary torch modules.
+Scoring runs in one process (the model of a one-stage trainer, or one built here).
 """
 from __future__ import annotations
 
+import copy
 import json
 import math
 import random
@@ -25,9 +32,10 @@ from typing import Callable, Optional, Protocol, Sequence
 import torch
 import torch.nn.functional as F
 
-from megatron_seed.config import ModelConfig
+from megatron_seed.config import Config, ConfigError, ModelConfig
 from megatron_seed.model.gpt import GPTModel
 from megatron_seed.parallel.state import ParallelState
+from megatron_seed.train.trainer import LossSpec, Trainer
 from rl.rewards.base import BaseScorer, RewardResult, ScoringSample
 
 RESPONSE_SEPARATOR = "\n"
@@ -76,17 +84,12 @@ def load_pairs(path: str) -> list[PreferencePair]:
     return pairs
 
 
-def bradley_terry_loss(r_chosen_B: torch.Tensor, r_rejected_B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean ``-log sigmoid(r_c - r_r)``, accuracy = mean ``[r_c > r_r]``)."""
-    margin_B = r_chosen_B - r_rejected_B
-    return -F.logsigmoid(margin_B).mean(), (margin_B > 0).float().mean()
-
-
 class RewardModel(torch.nn.Module):
     """GPT-MoE with a scalar head; ``forward`` gives one score per sequence."""
 
     def __init__(self, cfg: ModelConfig, encoder: Encoder, seed: int = 0,
-                 ps: Optional[ParallelState] = None) -> None:
+                 ps: Optional[ParallelState] = None, gpt: Optional[GPTModel] = None) -> None:
+        """``gpt``: score with this (already built, e.g. a trainer's) model instead of a fresh one."""
         super().__init__()
         if not cfg.value_head:
             raise ValueError("RewardModel: model.value_head must be true (the scalar head replaces the LM head)")
@@ -95,11 +98,14 @@ class RewardModel(torch.nn.Module):
                              f"{cfg.vocab_size}; set model.vocab_size >= {encoder.vocab_size}")
         self.cfg, self.encoder = cfg, encoder
         self.pad_id = getattr(encoder, "pad_id", 0)
-        self.gpt = GPTModel(cfg, ps or ParallelState.single())
-        self.gpt.init_weights(seed)
+        if gpt is None:
+            gpt = GPTModel(cfg, ps or ParallelState.single())
+            gpt.init_weights(seed)
+        self.gpt = gpt
 
-    def tokenize(self, prompts: Sequence[str], responses: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Right-padded ``ids_BS`` and the index of each sequence's last real token ``last_B``.
+    def tokenize(self, prompts: Sequence[str], responses: Sequence[str], multiple: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """Right-padded ``ids_BS`` (``S`` a multiple of ``multiple``) and the index of each sequence's
+        last real token ``last_B``.
 
         Over-long sequences keep their end (the response matters most): the prompt is cut from the left.
         """
@@ -108,6 +114,7 @@ class RewardModel(torch.nn.Module):
             ids = self.encoder.encode(p + RESPONSE_SEPARATOR + r) or [self.pad_id]
             seqs.append(ids[-self.cfg.max_seq_len:])
         S = max(len(s) for s in seqs)
+        S += -S % multiple
         ids_BS = torch.full((len(seqs), S), self.pad_id, dtype=torch.long)
         for i, s in enumerate(seqs):
             ids_BS[i, :len(s)] = torch.tensor(s, dtype=torch.long)
@@ -121,94 +128,104 @@ class RewardModel(torch.nn.Module):
         values_BS = self.gpt(ids_BS.to(device))
         return values_BS.gather(1, last_B.to(device)[:, None]).squeeze(1)
 
-    def pair_loss(self, pairs: Sequence[PreferencePair]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Bradley-Terry loss and accuracy of a batch of pairs (chosen and rejected in one forward)."""
-        prompts = [p.prompt for p in pairs] * 2
-        responses = [p.chosen for p in pairs] + [p.rejected for p in pairs]
-        r_B = self(prompts, responses)
-        return bradley_terry_loss(r_B[:len(pairs)], r_B[len(pairs):])
+
+def pair_batch(model: RewardModel, pairs: Sequence[PreferencePair], multiple: int = 1) -> dict:
+    """Trainer batch of ``pairs``: rows ``2i`` (chosen) and ``2i + 1`` (rejected) of ``input_ids_BS``,
+    with ``last_B`` the row's last real token (``S`` padded to a multiple of ``multiple``, e.g. tp)."""
+    prompts = [p.prompt for p in pairs for _ in range(2)]
+    responses = [r for p in pairs for r in (p.chosen, p.rejected)]
+    ids_BS, last_B = model.tokenize(prompts, responses, multiple)
+    return {"input_ids_BS": ids_BS, "last_B": last_B}
 
 
-@dataclass
-class RMTrainConfig:
-    steps: int = 200
-    batch_size: int = 16  # pairs per step
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    warmup_steps: int = 10
-    grad_clip: float = 1.0
-    seed: int = 0
-    eval_every: int = 50  # 0 = only at the end
+def _pair_margins(values_BS: torch.Tensor, mb: dict) -> torch.Tensor:
+    """``r_chosen - r_rejected`` of each pair of a :func:`pair_batch` micro-batch ``[B / 2]``."""
+    if values_BS.shape[0] % 2:
+        raise ValueError(f"a reward-model micro-batch has {values_BS.shape[0]} rows; pairs need an even train.micro_batch_size")
+    r_B = values_BS.float().gather(1, mb["last_B"].to(values_BS.device)[:, None]).squeeze(1)
+    return r_B[0::2] - r_B[1::2]
+
+
+def _pairwise_loss_fn(totals: dict, ps: ParallelState) -> Callable:
+    pairs = max(1.0, totals["pairs"])
+
+    def loss_fn(values_BS: torch.Tensor, mb: dict) -> tuple:
+        margin_P = _pair_margins(values_BS, mb)
+        loss = -F.logsigmoid(margin_P).sum() / pairs
+        return loss, {"accuracy": (margin_P > 0).double().sum() / pairs}
+
+    return loss_fn
+
+
+PAIRWISE_LOSS = LossSpec(units=lambda mb: {"pairs": torch.tensor(mb["input_ids_BS"].shape[0] / 2)}, build=_pairwise_loss_fn)
+"""Bradley-Terry ``-log sigmoid(r_chosen - r_rejected)`` averaged over the pairs of the global batch."""
+
+
+def rm_trainer_config(cfg: Config, pairs_per_step: int) -> Config:
+    """``cfg`` for the reward-model trainer: a value head, ``pairs_per_step`` pairs (two rows each) per optimizer step."""
+    out = copy.deepcopy(cfg)
+    out.model.value_head = True
+    out.train.global_batch_size = 2 * pairs_per_step
+    out.train.micro_batch_size = min(out.train.micro_batch_size + out.train.micro_batch_size % 2, out.train.global_batch_size)
+    return out
 
 
 @torch.no_grad()
-def evaluate(model: RewardModel, pairs: Sequence[PreferencePair], batch_size: int = 64) -> dict:
-    """Mean Bradley-Terry loss and accuracy over ``pairs``."""
-    was_training = model.training
-    model.eval()
-    loss_sum, acc_sum = 0.0, 0.0
-    for i in range(0, len(pairs), batch_size):
-        chunk = pairs[i:i + batch_size]
-        loss, acc = model.pair_loss(chunk)
-        loss_sum += loss.item() * len(chunk)
-        acc_sum += acc.item() * len(chunk)
-    model.train(was_training)
-    return {"loss": loss_sum / len(pairs), "accuracy": acc_sum / len(pairs)}
+def evaluate(trainer: Trainer, model: RewardModel, pairs: Sequence[PreferencePair]) -> Optional[dict]:
+    """Mean Bradley-Terry loss and accuracy over ``pairs`` (collective; the result lives on the last stage)."""
+    margins = trainer.forward(pair_batch(model, pairs, trainer.ps.tp_size), lambda values, mb: _pair_margins(values, mb))
+    if margins is None:
+        return None
+    return {"loss": float(-F.logsigmoid(margins).mean()), "accuracy": float((margins > 0).float().mean())}
 
 
-def train_reward_model(model: RewardModel, train: Sequence[PreferencePair], cfg: RMTrainConfig,
-                       eval_pairs: Optional[Sequence[PreferencePair]] = None,
+def train_reward_model(trainer: Trainer, model: RewardModel, train: Sequence[PreferencePair], seed: int = 0,
+                       eval_pairs: Optional[Sequence[PreferencePair]] = None, eval_every: int = 0,
                        log: Optional[Callable[[dict], None]] = None) -> list[dict]:
-    """AdamW on the Bradley-Terry loss with linear warm-up then cosine decay; returns the logged records."""
+    """``trainer.cfg.train.steps`` steps of :data:`PAIRWISE_LOSS` on ``train`` (reshuffled every epoch, the same
+    order on every rank, each dp rank training on its share of a step's pairs); returns the logged records.
+
+    ``model`` tokenizes (its encoder and ``max_seq_len``); ``trainer`` must have been built with
+    :func:`rm_trainer_config`. Every ``eval_every`` steps and at the end the held-out
+    ``eval_pairs`` are scored; ``log(record)`` is called on the trainer's logging rank.
+    """
     if not train:
         raise ValueError("train_reward_model: no training pairs")
-    rng = random.Random(cfg.seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-
-    def lr_at(step: int) -> float:
-        if step < cfg.warmup_steps:
-            return cfg.lr * (step + 1) / cfg.warmup_steps
-        progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-        return cfg.lr * 0.5 * (1 + math.cos(math.pi * progress))
-
-    history = []
-    order: list = []
-    model.train()
-    for step in range(cfg.steps):
-        if len(order) < cfg.batch_size:
+    if not trainer.cfg.model.value_head:
+        raise ConfigError("the reward-model trainer needs model.value_head=true; build its config with rm_trainer_config")
+    ps, steps = trainer.ps, trainer.cfg.train.steps
+    per_step = trainer.cfg.train.global_batch_size // 2
+    local = per_step // ps.dp_size
+    rng = random.Random(seed)
+    history, order = [], []
+    while trainer.step < steps:
+        if len(order) < per_step:
             order += rng.sample(range(len(train)), len(train))
-        batch = [train[i] for i in order[:cfg.batch_size]]
-        del order[:cfg.batch_size]
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step)
-        loss, acc = model.pair_loss(batch)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"reward-model loss is {loss.item()} at step {step}; lower --lr")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        last = step == cfg.steps - 1
-        if last or (cfg.eval_every and (step + 1) % cfg.eval_every == 0):
-            record = {"step": step + 1, "loss": loss.item(), "accuracy": acc.item(), "lr": lr_at(step)}
-            if eval_pairs:
-                ev = evaluate(model, eval_pairs)
+        step_pairs = [train[i] for i in order[:per_step]]
+        del order[:per_step]
+        mine = step_pairs[ps.dp_rank * local:(ps.dp_rank + 1) * local]
+        metrics = trainer.train_step(pair_batch(model, mine, ps.tp_size), PAIRWISE_LOSS)
+        if trainer.step == steps or (eval_every and trainer.step % eval_every == 0):
+            record = {"step": trainer.step, "loss": metrics["loss"], "accuracy": metrics["accuracy"], "lr": metrics["lr"]}
+            ev = evaluate(trainer, model, eval_pairs) if eval_pairs else None
+            if ev is not None:
                 record.update(eval_loss=ev["loss"], eval_accuracy=ev["accuracy"])
             history.append(record)
-            if log is not None:
+            if log is not None and trainer.is_logging_rank:
                 log(record)
-    model.eval()
+    for m in trainer.chunks:
+        m.eval()
     return history
 
 
-def save_reward_model(model: RewardModel, path: str) -> None:
-    """State dict plus the model config, written to a temporary name then renamed."""
+def save_reward_model(cfg: ModelConfig, state_dict: dict, path: str) -> None:
+    """The one-process state dict plus the model config, written to a temporary name then renamed."""
     import dataclasses
 
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_suffix(target.suffix + ".tmp")
-    torch.save({"model_config": dataclasses.asdict(model.cfg), "state_dict": model.gpt.state_dict()}, tmp)
+    torch.save({"model_config": dataclasses.asdict(cfg), "state_dict": state_dict}, tmp)
     tmp.replace(target)
 
 
