@@ -48,16 +48,35 @@ class ParamCount:
         }
 
 
-def count_parameters(m: ModelConfig) -> ParamCount:
+@dataclass
+class AttentionCount:
+    """One attention layer's parameters, by how tensor parallelism lays them out."""
+
+    query_output: int  # q and o projections (split over tp)
+    key_value: int  # k and v projections (split over tp, or replicated when tp > kv heads)
+    qk_norm: int  # QK-norm weights (replicated over tp)
+
+    @property
+    def total(self) -> int:
+        return self.query_output + self.key_value + self.qk_norm
+
+
+def attention_parameters(m: ModelConfig) -> AttentionCount:
     h, d = m.hidden_size, m.head_dim
+    return AttentionCount(
+        query_output=h * m.num_attention_heads * d * 2,
+        key_value=h * m.num_kv_heads * d * 2,
+        qk_norm=2 * d if m.qk_norm else 0,
+    )
+
+
+def count_parameters(m: ModelConfig) -> ParamCount:
+    h = m.hidden_size
     moe_layers = m.num_layers - m.num_dense_layers
-    attn_per_layer = h * m.num_attention_heads * d * 2 + h * m.num_kv_heads * d * 2
-    if m.qk_norm:
-        attn_per_layer += 2 * d
     expert = 3 * h * m.moe.ffn_size
     return ParamCount(
         embeddings=m.vocab_size * h * (1 if m.tie_embeddings or m.value_head else 2),  # a value head replaces the LM head
-        attention=m.num_layers * attn_per_layer,
+        attention=m.num_layers * attention_parameters(m).total,
         dense_mlp=m.num_dense_layers * 3 * h * m.dense_ffn_size,
         router=moe_layers * h * m.moe.num_experts,
         experts=moe_layers * m.moe.num_experts * expert,

@@ -1,0 +1,251 @@
+"""Memory of one GPU under a layout: model state exactly as this stack allocates it, plus
+activations, MoE dispatch buffers, logits, KV cache and a stated framework overhead.
+
+Model state (exact: checked against instantiated models and the ZeRO-1 optimizer):
+
+* parameters: the rank's local shards, counted from :mod:`megatron_seed.params` and split
+  the way the layers split them (q/o, dense and shared-expert MLPs, embedding and head over
+  tp; k/v over tp, or replicated when tp exceeds the kv heads; norms and router replicated;
+  routed experts over ep * etp); first stage adds the embedding, last stage the final norm
+  and the head;
+* gradients: one per parameter in the parameter's dtype (autograd's ``p.grad``);
+* optimizer: :class:`~megatron_seed.train.optimizer.DistributedOptimizer` keeps two buckets,
+  dense (sharded over dp * cp) and expert (over edp); under ZeRO-1 a rank holds
+  ``ceil(n / size)`` elements of each (fewer on the last ranks) of fp32 master weights and
+  both Adam moments: 12 bytes an element;
+* optimizer step buffers (transient, activations already freed): the reduced flat fp32
+  gradients of both buckets, the ZeRO-1 all-gather of the larger bucket (the gathered
+  shards and their concatenation), and Adam's two temporaries over the shard.
+
+Activations (bytes kept for backward, ``b`` bytes an element, ``T`` tokens of a micro-batch
+on this cp rank, ``Tl = T / tp`` under sequence parallel, ``N``/``K`` local q/kv heads,
+``R = Tl * etp * top_k * imbalance`` expert rows on the busiest rank), per layer:
+
+* attention: norm input ``Tl H b``, the tp-gathered projection input ``T H b``, with QK-norm
+  its inputs ``T (N + K) D b``, flash attention's q, k, v and output ``T (2N + 2K) D b`` and
+  log-sum-exp ``4 T N``;
+* MoE: norm input ``Tl H b``, router input ``Tl H b`` and fp32 logits and probabilities
+  ``8 Tl E``, expert rows ``R H b``, gate/up outputs ``2 R F b``, SwiGLU outputs ``R F b``
+  (dropped by selective recompute), shared experts: gathered input ``T H b`` and
+  ``4 T Fs b`` (gate, silu(gate), up, product; selective keeps 2);
+* dense MLP: as the shared experts with the dense ffn;
+* per in-flight micro-batch of a chunk: its output ``Tl H b`` held for the backward, and the
+  rotary tables ``8 T D``; full recompute keeps only each layer's input ``Tl H b`` plus one
+  layer's activations while it is recomputed.
+
+In flight (this repo's schedules, :mod:`megatron_seed.parallel.pipeline`): no pipeline, one
+micro-batch; 1F1B ``min(pp - r, M)`` micro-batches of stage ``r``; interleaved the chunks
+of the warm-up forwards plus one. Transient on top: the busiest layer's dispatch buffers
+(the a2a send and receive copies of ``R`` rows and the fp32 ``[Tl, H]`` combine accumulator)
+and, on the last stage, the logits working set ``T V/tp (b + 8)`` (logits, shifted fp32
+logits and their exponentials). KV cache (rollout phase): ``2 x layers x B x L x K D`` in the
+KV dtype plus the fp32 slot bias ``B x L``, with ``B = rollout_batch / dp``.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+from megatron_seed.config import ModelConfig
+from megatron_seed.params import attention_parameters, count_parameters
+from megatron_seed.parallel.stages import stage_chunks
+from megatron_seed.parallel.state import rank_coordinates
+from megatron_seed.plan.inputs import KV_DTYPES, Assumptions, Workload
+from megatron_seed.plan.layout import PlanLayout
+
+OPTIMIZER_STATE_BYTES = 12  # fp32 master weight + exp_avg + exp_avg_sq
+
+
+@dataclass(frozen=True)
+class StageParameters:
+    """Local parameter elements on one rank of a pipeline stage, by optimizer bucket."""
+
+    dense: int
+    expert: int
+
+    @property
+    def total(self) -> int:
+        return self.dense + self.expert
+
+
+def _layer_parameters(m: ModelConfig, layout: PlanLayout) -> tuple:
+    """(dense-MLP layer, MoE layer): local (dense, expert) elements of one transformer layer."""
+    counts, attn = count_parameters(m), attention_parameters(m)
+    tp = layout.tp
+    kv = attn.key_value // tp if m.num_kv_heads % tp == 0 else attn.key_value
+    norms = 2 * m.hidden_size
+    common = attn.query_output // tp + kv + attn.qk_norm + norms
+    moe_layers = m.num_layers - m.num_dense_layers
+    dense_layer = common + (counts.dense_mlp // m.num_dense_layers // tp if m.num_dense_layers else 0)
+    moe_dense = common + (counts.router + counts.shared_experts // tp) // max(moe_layers, 1)
+    moe_expert = counts.experts // max(moe_layers, 1) // (layout.ep * layout.etp)
+    return (dense_layer, 0), (moe_dense, moe_expert)
+
+
+def stage_layers(m: ModelConfig, layout: PlanLayout, pp_rank: int) -> list:
+    """Layer ids of each model chunk of ``pp_rank`` (as the trainer splits them)."""
+    return stage_chunks(m.num_layers, layout.pp, layout.vpp, pp_rank)
+
+
+def stage_parameters(m: ModelConfig, layout: PlanLayout, pp_rank: int) -> StageParameters:
+    dense_layer, moe_layer = _layer_parameters(m, layout)
+    dense = expert = 0
+    for layer in (i for chunk in stage_layers(m, layout, pp_rank) for i in chunk):
+        d, e = dense_layer if layer < m.num_dense_layers else moe_layer
+        dense, expert = dense + d, expert + e
+    counts = count_parameters(m)
+    table = m.vocab_size * m.hidden_size // layout.tp
+    if pp_rank == 0:
+        dense += table
+    if pp_rank == layout.pp - 1:
+        dense += m.hidden_size + counts.value_head  # final norm, value head
+        if not (m.tie_embeddings or m.value_head):
+            dense += table
+    return StageParameters(dense, expert)
+
+
+def zero1_shard(numel: int, size: int, rank: int) -> int:
+    """Elements of a ``numel`` bucket owned by ``rank`` of ``size`` (the optimizer's ranges)."""
+    shard = math.ceil(numel / size) if numel else 0
+    start = min(numel, shard * rank)
+    return min(numel, start + shard) - start
+
+
+@dataclass(frozen=True)
+class MemoryBreakdown:
+    """Bytes on one GPU by category; ``peak`` is the larger of the step's phases."""
+
+    parameters: float
+    gradients: float
+    optimizer: float
+    activations: float
+    moe_dispatch: float
+    logits: float
+    optimizer_step: float
+    kv_cache: float
+    overhead: float
+    in_flight: int  # chunk forwards alive at the peak (1F1B / interleaved)
+
+    @property
+    def state(self) -> float:
+        return self.parameters + self.gradients + self.optimizer + self.overhead
+
+    @property
+    def train_peak(self) -> float:
+        """Forward/backward (activations alive) or the optimizer step (activations freed)."""
+        return self.state + max(self.activations + self.moe_dispatch + self.logits, self.optimizer_step)
+
+    @property
+    def rollout_peak(self) -> float:
+        return self.state + self.kv_cache
+
+    @property
+    def peak(self) -> float:
+        return max(self.train_peak, self.rollout_peak)
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "train_peak": self.train_peak, "rollout_peak": self.rollout_peak, "peak": self.peak}
+
+
+def in_flight_chunks(layout: PlanLayout, micro_batches: int, pp_rank: int) -> list:
+    """Chunk index of every forward whose activations are alive at the peak of ``pp_rank``."""
+    P, V, M, r = layout.pp, layout.vpp, micro_batches, pp_rank
+    if P == 1:
+        return [0]
+    if V == 1:
+        return [0] * min(P - r, M)
+    total = M * V
+    warmup = total if M == P else min((P - r - 1) * 2 + (V - 1) * P, total)
+    alive = warmup + (1 if warmup < total else 0)
+    return [(k % (P * V)) // P for k in range(alive)]
+
+
+class ActivationModel:
+    """Bytes of activations per layer for one micro-batch on one rank (see the module docstring)."""
+
+    def __init__(self, m: ModelConfig, layout: PlanLayout, w: Workload, a: Assumptions):
+        self.m, self.layout, self.w, self.a = m, layout, w, a
+        b, tp = w.act_bytes, layout.tp
+        H, D = m.hidden_size, m.head_dim
+        T = w.micro_batch * w.seq_len / layout.cp
+        Tl = T / tp
+        N = m.num_attention_heads / tp
+        K = m.num_kv_heads / tp if m.num_kv_heads % tp == 0 else 1
+        self.tokens, self.local_tokens = T, Tl
+        self.attention = Tl * H * b + 4 * Tl + T * H * b + T * (2 * N + 2 * K) * D * b + 4 * T * N
+        if m.qk_norm:
+            self.attention += T * (N + K) * D * (b + 4 / D)
+        keep = 2 if w.recompute == "selective" else 4
+        self.rows = Tl * layout.etp * m.moe.top_k * a.moe_imbalance
+        F = m.moe.ffn_size / layout.etp
+        self.moe = (
+            Tl * H * b + 4 * Tl + Tl * H * b + 8 * Tl * m.moe.num_experts
+            + self.rows * (H * b + 4 + (2 if w.recompute == "selective" else 3) * F * b)
+        )
+        shared = m.moe.num_shared_experts * m.moe.shared_ffn_size / tp
+        if shared:
+            self.moe += (T * H * b if tp > 1 else 0) + keep * T * shared * b
+        self.dense = Tl * H * b + 4 * Tl + T * H * b + keep * T * (m.dense_ffn_size / tp) * b
+        self.per_chunk_forward = Tl * H * b + 8 * T * D  # the chunk output kept for backward, rotary tables
+        self.dispatch = 2 * self.rows * H * b + 4 * Tl * H if m.num_dense_layers < m.num_layers else 0.0
+        self.logits = T * (m.vocab_size / tp) * (b + 8) + 2 * T * H * b if not m.value_head else 8 * T
+
+    def layer(self, layer_id: int) -> float:
+        return self.attention + (self.dense if layer_id < self.m.num_dense_layers else self.moe)
+
+    def chunk(self, layer_ids: list) -> float:
+        """Activations one forward of a chunk keeps until its backward."""
+        if self.w.recompute == "full":
+            return len(layer_ids) * self.local_tokens * self.m.hidden_size * self.w.act_bytes + self.per_chunk_forward
+        return sum(self.layer(i) for i in layer_ids) + self.per_chunk_forward
+
+    def recompute_working_set(self, layer_ids: list) -> float:
+        return max(self.layer(i) for i in layer_ids) if self.w.recompute == "full" else 0.0
+
+
+def kv_cache_bytes(m: ModelConfig, layout: PlanLayout, w: Workload, layers: int) -> float:
+    if not w.rollout_batch:
+        return 0.0
+    B, L = w.rollout_batch / layout.dp, w.prompt_len + w.response_len
+    K = m.num_kv_heads / layout.tp if m.num_kv_heads % layout.tp == 0 else 1
+    return layers * 2 * B * L * K * m.head_dim * KV_DTYPES[w.kv_dtype] + 4 * B * L
+
+
+def rank_memory(m: ModelConfig, layout: PlanLayout, w: Workload, a: Assumptions, pp_rank: int,
+                dp_rank: int = 0, edp_rank: int = 0) -> MemoryBreakdown:
+    """Memory of the rank at (pp_rank, dp * cp rank ``dp_rank``, edp rank ``edp_rank``); rank 0 of a
+    ZeRO-1 group holds the largest shard, so the defaults give the worst rank of the stage."""
+    params = stage_parameters(m, layout, pp_rank)
+    zero = w.zero1
+    dense_size, expert_size = layout.dp * layout.cp, layout.edp
+    dense_shard = zero1_shard(params.dense, dense_size if zero else 1, dp_rank if zero else 0)
+    expert_shard = zero1_shard(params.expert, expert_size if zero else 1, edp_rank if zero else 0)
+    step = 4.0 * params.total + 2 * 4 * max(dense_shard, expert_shard)
+    gathered = [math.ceil(n / g) * g * 2 * 4 for n, g in ((params.dense, dense_size), (params.expert, expert_size)) if zero and g > 1 and n]
+    step += max(gathered, default=0.0)
+
+    acts = ActivationModel(m, layout, w, a)
+    chunks = stage_layers(m, layout, pp_rank)
+    alive = in_flight_chunks(layout, layout.micro_batches(w), pp_rank)
+    activations = sum(acts.chunk(chunks[v]) for v in alive) + max(acts.recompute_working_set(c) for c in chunks)
+    has_moe = any(i >= m.num_dense_layers for c in chunks for i in c)
+    layers = sum(len(c) for c in chunks)
+    return MemoryBreakdown(
+        parameters=params.total * w.param_bytes,
+        gradients=params.total * w.param_bytes,
+        optimizer=(dense_shard + expert_shard) * OPTIMIZER_STATE_BYTES,
+        activations=activations,
+        moe_dispatch=acts.dispatch if has_moe else 0.0,
+        logits=acts.logits if pp_rank == layout.pp - 1 else 0.0,
+        optimizer_step=step,
+        kv_cache=kv_cache_bytes(m, layout, w, layers),
+        overhead=a.framework_overhead_gib * 2**30,
+        in_flight=len(alive),
+    )
+
+
+def global_rank_memory(m: ModelConfig, layout: PlanLayout, w: Workload, a: Assumptions, rank: int) -> MemoryBreakdown:
+    """:func:`rank_memory` of global ``rank`` (Megatron rank order, :mod:`megatron_seed.parallel.state`)."""
+    _, cp, dp, pp = rank_coordinates(rank, [layout.tp, layout.cp, layout.dp, layout.pp])
+    _, _, edp, _ = rank_coordinates(rank, [layout.etp, layout.ep, layout.edp, layout.pp])
+    return rank_memory(m, layout, w, a, pp, dp_rank=cp + layout.cp * dp, edp_rank=edp)
