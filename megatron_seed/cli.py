@@ -22,6 +22,7 @@ COMMANDS = {
     "train-rm": ("megatron_seed.commands.train_rm", "train a pairwise reward model on JSONL preference pairs"),
     "preprocess": ("megatron_seed.commands.preprocess", "tokenize JSONL into a Megatron .bin/.idx indexed dataset (parallel, streaming)"),
     "filter": ("megatron_seed.commands.filter", "drop RL prompts that are too easy / too hard / low-variance under a policy's samples"),
+    "plan": ("megatron_seed.commands.plan", "memory and step-time model: rank the layouts that fit a model on N GPUs"),
     "rl": ("megatron_seed.commands.rl", "Seed1.5-Thinking RL: value pretraining then PPO with adaptive domain weights (tiny default)"),
 }
 

@@ -81,7 +81,17 @@ class Assumptions:
     overlap_tp: float = 0.0  # fraction of tp collectives hidden behind compute
     overlap_ep: float = 0.0  # fraction of ep all-to-all hidden behind compute
     overlap_pp: float = 0.0  # fraction of pipeline send/recv hidden behind compute
+    overlap_param_gather: float = 0.0  # fraction of the ZeRO-1 parameter all-gather hidden behind the next forward
+    ep_node_dedup: float = 0.0  # 1: a token crosses to each remote node once, then NVLink (DeepEP); 0: every row crosses (ours)
     framework_overhead_gib: float = 5.0  # CUDA context, NCCL buffers, allocator fragmentation, workspace
+
+    @classmethod
+    def profile(cls, name: str) -> "Assumptions":
+        """``ours`` (this stack today) or ``megatron-core`` (its published MoE runs: tp-communication
+        overlap, 1F1B all-to-all overlap, DeepEP dispatch, overlapped parameter gather)."""
+        if name not in PROFILES:
+            raise ConfigError(f"--stack {name!r}: unknown; choose one of {', '.join(PROFILES)}")
+        return PROFILES[name]
 
     def replace(self, items: list) -> "Assumptions":
         """A copy with ``name=value`` items applied (``--assume``)."""
@@ -105,7 +115,9 @@ def check_assumptions(a: Assumptions) -> None:
         value = getattr(a, name)
         if not 0 < value <= 1:
             raise ConfigError(f"--assume {name}={value}: must be in (0, 1]")
-    for name in ("overlap_tp", "overlap_ep", "overlap_pp"):
+    if a.ep_node_dedup not in (0.0, 1.0):
+        raise ConfigError(f"--assume ep_node_dedup={a.ep_node_dedup}: must be 0 (every row crosses) or 1 (DeepEP-style)")
+    for name in ("overlap_tp", "overlap_ep", "overlap_pp", "overlap_param_gather"):
         value = getattr(a, name)
         if not 0 <= value <= 1:
             raise ConfigError(f"--assume {name}={value}: must be in [0, 1]")
@@ -136,3 +148,9 @@ def check_workload(w: Workload, c: Cluster, max_seq_len: int) -> None:
     if c.gpus > c.gpus_per_node and c.gpus % c.gpus_per_node:
         raise ConfigError(f"--gpus={c.gpus} is not a whole number of {c.gpus_per_node}-GPU nodes; "
                           f"fix: use a multiple of {c.gpus_per_node} or change --gpus-per-node")
+
+
+PROFILES = {
+    "ours": Assumptions(),
+    "megatron-core": Assumptions(overlap_tp=0.9, overlap_ep=0.9, overlap_pp=0.9, overlap_param_gather=0.9, ep_node_dedup=1.0),
+}

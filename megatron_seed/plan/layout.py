@@ -101,11 +101,13 @@ def _divisors(n: int) -> list:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def candidate_layouts(m: ModelConfig, w: Workload, c: Cluster, max_vpp: int = 8) -> Iterator[PlanLayout]:
-    """Every layout that passes :func:`check_layout` for ``c.gpus`` GPUs (tp within a node, cp and etp up to 8)."""
+def candidate_layouts(m: ModelConfig, w: Workload, c: Cluster, max_vpp: int = 8, max_cp: int = 1) -> Iterator[PlanLayout]:
+    """Every layout that passes :func:`check_layout` for ``c.gpus`` GPUs: tp within a node, etp up to 8,
+    vpp up to ``max_vpp``, cp up to ``max_cp`` (1 by default: the trainer refuses cp > 1 until context
+    parallelism lands)."""
     has_moe = m.num_dense_layers < m.num_layers
     for tp in [d for d in _divisors(c.gpus_per_node) if c.gpus % d == 0]:
-        for cp in [d for d in (1, 2, 4, 8) if c.gpus % (tp * d) == 0]:
+        for cp in [d for d in (1, 2, 4, 8, 16) if d <= max_cp and c.gpus % (tp * d) == 0]:
             for pp in [d for d in _divisors(c.gpus // (tp * cp)) if d <= m.num_layers]:
                 dp = c.gpus // (tp * cp * pp)
                 stage = tp * cp * dp

@@ -43,6 +43,7 @@ KV dtype plus the fp32 slot bias ``B x L``, with ``B = rollout_batch / dp``.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import asdict, dataclass
 
@@ -82,17 +83,28 @@ def _layer_parameters(m: ModelConfig, layout: PlanLayout) -> tuple:
     return (dense_layer, 0), (moe_dense, moe_expert)
 
 
-def stage_layers(m: ModelConfig, layout: PlanLayout, pp_rank: int) -> list:
+def stage_layers(m: ModelConfig, layout: PlanLayout, pp_rank: int) -> tuple:
     """Layer ids of each model chunk of ``pp_rank`` (as the trainer splits them)."""
-    return stage_chunks(m.num_layers, layout.pp, layout.vpp, pp_rank)
+    return _stage_layers(m.num_layers, layout.pp, layout.vpp, pp_rank)
+
+
+@functools.lru_cache(maxsize=4096)
+def _stage_layers(num_layers: int, pp: int, vpp: int, pp_rank: int) -> tuple:
+    return tuple(tuple(chunk) for chunk in stage_chunks(num_layers, pp, vpp, pp_rank))
+
+
+def stage_layer_kinds(m: ModelConfig, layout: PlanLayout, pp_rank: int) -> tuple:
+    """(dense-MLP layers, MoE layers) held by ``pp_rank``."""
+    layers = [i for chunk in stage_layers(m, layout, pp_rank) for i in chunk]
+    dense = sum(1 for i in layers if i < m.num_dense_layers)
+    return dense, len(layers) - dense
 
 
 def stage_parameters(m: ModelConfig, layout: PlanLayout, pp_rank: int) -> StageParameters:
     dense_layer, moe_layer = _layer_parameters(m, layout)
-    dense = expert = 0
-    for layer in (i for chunk in stage_layers(m, layout, pp_rank) for i in chunk):
-        d, e = dense_layer if layer < m.num_dense_layers else moe_layer
-        dense, expert = dense + d, expert + e
+    n_dense, n_moe = stage_layer_kinds(m, layout, pp_rank)
+    dense = n_dense * dense_layer[0] + n_moe * moe_layer[0]
+    expert = n_moe * moe_layer[1]
     counts = count_parameters(m)
     table = m.vocab_size * m.hidden_size // layout.tp
     if pp_rank == 0:
@@ -190,17 +202,20 @@ class ActivationModel:
         self.dispatch = 2 * self.rows * H * b + 4 * Tl * H if m.num_dense_layers < m.num_layers else 0.0
         self.logits = T * (m.vocab_size / tp) * (b + 8) + 2 * T * H * b if not m.value_head else 8 * T
 
-    def layer(self, layer_id: int) -> float:
-        return self.attention + (self.dense if layer_id < self.m.num_dense_layers else self.moe)
+    def layers(self, layer_ids: tuple) -> float:
+        """Activations of ``layer_ids`` for one micro-batch without recompute."""
+        dense = sum(1 for i in layer_ids if i < self.m.num_dense_layers)
+        return len(layer_ids) * self.attention + dense * self.dense + (len(layer_ids) - dense) * self.moe
 
-    def chunk(self, layer_ids: list) -> float:
+    def chunk(self, layer_ids: tuple) -> float:
         """Activations one forward of a chunk keeps until its backward."""
         if self.w.recompute == "full":
             return len(layer_ids) * self.local_tokens * self.m.hidden_size * self.w.act_bytes + self.per_chunk_forward
-        return sum(self.layer(i) for i in layer_ids) + self.per_chunk_forward
+        return self.layers(layer_ids) + self.per_chunk_forward
 
-    def recompute_working_set(self, layer_ids: list) -> float:
-        return max(self.layer(i) for i in layer_ids) if self.w.recompute == "full" else 0.0
+    def recompute_working_set(self, layer_ids: tuple) -> float:
+        """Full recompute: one layer's activations, rebuilt during its backward."""
+        return max(self.layers((i,)) for i in layer_ids) if self.w.recompute == "full" else 0.0
 
 
 def kv_cache_bytes(m: ModelConfig, layout: PlanLayout, w: Workload, layers: int) -> float:
@@ -227,7 +242,8 @@ def rank_memory(m: ModelConfig, layout: PlanLayout, w: Workload, a: Assumptions,
     acts = ActivationModel(m, layout, w, a)
     chunks = stage_layers(m, layout, pp_rank)
     alive = in_flight_chunks(layout, layout.micro_batches(w), pp_rank)
-    activations = sum(acts.chunk(chunks[v]) for v in alive) + max(acts.recompute_working_set(c) for c in chunks)
+    per_chunk = [acts.chunk(c) for c in chunks]
+    activations = sum(per_chunk[v] for v in alive) + max(acts.recompute_working_set(c) for c in chunks)
     has_moe = any(i >= m.num_dense_layers for c in chunks for i in c)
     layers = sum(len(c) for c in chunks)
     return MemoryBreakdown(
