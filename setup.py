@@ -11,7 +11,7 @@ setup(
     description="Megatron-style 3D-parallel MoE training with the Seed1.5-Thinking RL recipe",
     python_requires=">=3.10",
     packages=find_packages(include=["megatron_seed*", "moe*", "rl*", "data*"]),
-    package_data={"data": ["corpus/*.txt", "corpus/*.model"], "megatron_seed": ["../configs/*.yaml"]},
+    package_data={"data": ["corpus/*.txt", "corpus/*.model"], "megatron_seed": ["../configs/*.yaml", "plan/gpus.yaml"]},
     include_package_data=True,
     install_requires=[
         "torch>=2.4",
