@@ -12,9 +12,11 @@ One JSON object per line::
 
 A record is *verifiable* when it has a reference answer or unit tests: a rule
 verifier can then say right or wrong. ``checker``, when given, is Python source
-defining ``check(output: str, expected: str) -> bool``; the code sandbox applies it
-to each unit test's program output (default: exact match after stripping trailing
-whitespace on every line). Blank lines are skipped. A bad record (invalid JSON,
+defining ``check(output, expected[, input]) -> bool`` (the :mod:`data.checkers`
+contract: only ``True`` accepts); the code sandbox applies it to each unit test's
+program output (default: equal whitespace-separated tokens). Whether a wrong program
+could pass a code task is checked where a run admits its prompts
+(:func:`rl.rewards.factory.admit_prompts`). Blank lines are skipped. A bad record (invalid JSON,
 missing or mistyped field, unknown field, duplicate id, checker that does not
 compile) is reported with its line number and field, skipped, and counted: one bad
 line never aborts a run.

@@ -1,6 +1,6 @@
 """Procedural verifiable tasks: problems with reference answers, unit tests and worked solutions.
 
-Four families, each a function ``(rng, difficulty) -> Problem`` with ``difficulty`` in
+Five families, each a function ``(rng, difficulty) -> Problem`` with ``difficulty`` in
 1..5 (the knob: more digits and operands, larger coefficients, longer lists, harder
 programs with bigger test inputs):
 
@@ -9,8 +9,17 @@ programs with bigger test inputs):
 - ``linear_equation`` (math): ``a*x + b = c`` or ``a*x + b = d*x + e`` with an integer root.
 - ``string_task`` (puzzle): sort words or numbers, count a letter, reverse a word.
 - ``program`` (code): a small stdin/stdout program (sum, max, reverse, fizzbuzz, ...)
-  with unit tests computed by a reference implementation, a checker script and the
-  reference program as the worked solution.
+  with hidden unit tests computed by a reference implementation (the example in the
+  prompt is not one of them), a checker where plain token comparison is not the rule
+  (:mod:`data.checkers` contract) and the reference program as the worked solution.
+  Every generated program task is refused unless wrong programs (empty, echo, another
+  test's output) fail it (:func:`data.checkers.degenerate_problem`).
+- ``verify`` (verify): the Seed-Thinking-Verifier task. The verifier prompt of
+  :mod:`data.verifier_prompt` for a question, its reference answer and a candidate
+  answer that is either equivalent but written differently (``1/2`` for ``0.5``,
+  ``10/2`` for ``5``, ``x = 5``) or a near miss (off by one, sign, a factor of ten, the
+  question's unevaluated expression, a hedge); the label YES / NO is the reference and
+  the rule scorer :class:`rl.rewards.verdict.VerdictScorer` reads the keyed verdict line.
 
 :func:`generate_prompts` turns them into RL prompt records (:mod:`data.prompts`
 schema); :func:`generate_sft` into chat conversations whose assistant turn is the
@@ -21,14 +30,15 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
+from fractions import Fraction
 from typing import Callable, Optional, Sequence
 
+from data.checkers import checker_function, degenerate_problem, expects
 from data.prompts import PromptRecord
+from data.verifier_prompt import build_verifier_prompt
 
 SYSTEM_PROMPT = "You are a careful assistant. Think step by step and end with the final answer."
 
-# Compares whitespace-separated tokens, so a trailing newline or extra spaces never fail a program.
-TOKEN_CHECKER = "def check(output, expected):\n    return output.split() == expected.split()\n"
 CASELESS_CHECKER = "def check(output, expected):\n    return output.strip().lower() == expected.strip().lower()\n"
 
 
@@ -44,6 +54,7 @@ class Problem:
     unit_tests: list = field(default_factory=list)
     checker: Optional[str] = None
     difficulty: int = 1
+    metadata: dict = field(default_factory=dict)  # extra record metadata (verify: the verdict key)
 
 
 def _check_difficulty(difficulty: int) -> None:
@@ -171,7 +182,7 @@ class _ProgramFamily:
     make_input: Callable[[random.Random, int], str]  # (rng, size) -> stdin
     reference: Callable[[str], str]  # stdin -> expected stdout
     source: str  # the reference program, shown as the worked solution
-    checker: str = TOKEN_CHECKER
+    checker: Optional[str] = None  # None: token-by-token comparison with the expected output
 
 
 def _ints_line(rng: random.Random, size: int) -> str:
@@ -247,14 +258,24 @@ PROGRAMS = (
 
 
 def program(rng: random.Random, difficulty: int) -> Problem:
-    """A stdin/stdout program from the families unlocked at ``difficulty``; 2 + d tests of input size 2d."""
+    """A stdin/stdout program from the families unlocked at ``difficulty``; an example plus 2 + d hidden
+    tests of input size 2d, drawn again until their expected outputs differ (a constant program must fail)."""
     _check_difficulty(difficulty)
     family = rng.choice([f for f in PROGRAMS if f.min_difficulty <= difficulty])
-    tests = []
-    for _ in range(2 + difficulty):
+
+    def case() -> dict:
         stdin = family.make_input(rng, 2 * difficulty)
-        tests.append({"input": stdin, "output": family.reference(stdin)})
-    example = tests[0]
+        return {"input": stdin, "output": family.reference(stdin)}
+
+    example = case()
+    for _ in range(100):
+        tests = [case() for _ in range(2 + difficulty)]
+        if len({t["output"].strip().lower() for t in tests}) > 1:
+            break
+    accepts = checker_function(family.checker) if family.checker else (lambda out, exp, stdin: expects(out, exp))
+    problem = degenerate_problem(tests, accepts)
+    if problem:
+        raise ValueError(f"generated task {family.name} (difficulty {difficulty}) is degenerate: {problem}")
     prompt = (
         f"Write a Python program. {family.statement}\n"
         f"Example input:\n{example['input']}Example output:\n{example['output']}"
@@ -263,19 +284,74 @@ def program(rng: random.Random, difficulty: int) -> Problem:
     return Problem(family.name, "code", prompt, solution, None, tests, family.checker, difficulty)
 
 
+# ----------------------------------------------------------------------------- verifier
+
+
+def _equivalent_forms(value: Fraction) -> list:
+    """Other spellings of ``value`` that a verifier must accept."""
+    forms = [f"{value.numerator * 2}/{value.denominator * 2}", f"\\frac{{{value.numerator * 3}}}{{{value.denominator * 3}}}"]
+    if value.denominator == 1:
+        forms += [f"{value.numerator}.0", f"x = {value.numerator}", f"{value.numerator}"]
+    elif 10**6 % value.denominator == 0:
+        forms += [f"{float(value):g}", f"{value.numerator}/{value.denominator}"]
+    return forms
+
+
+def _near_misses(value: Fraction, expression: Optional[str]) -> list:
+    """Answers a verifier must reject: close in value or form (an unevaluated ``expression``), but not the reference."""
+    misses = [_fraction_text(value + 1), _fraction_text(value - 1), _fraction_text(value * 10),
+              f"{_fraction_text(value)} or {_fraction_text(value + 1)}"] + ([expression] if expression else [])
+    if value != 0:
+        misses.append(_fraction_text(-value))
+    if value.denominator != 1:
+        misses.append(f"{value.numerator}/{value.denominator + 1}")
+    return misses
+
+
+def _fraction_text(value: Fraction) -> str:
+    return str(value.numerator) if value.denominator == 1 else f"{value.numerator}/{value.denominator}"
+
+
+def verify(rng: random.Random, difficulty: int) -> Problem:
+    """Judge a candidate answer against the reference: half equivalent rewrites (YES), half near misses (NO)."""
+    _check_difficulty(difficulty)
+    if rng.random() < 0.5:
+        base = arithmetic(rng, difficulty)
+        question, value = base.prompt, Fraction(int(base.answer))
+        expression = question.split(" ", 1)[1].rstrip("?.")
+        reference = base.answer
+    else:
+        a, b = _number(rng, difficulty), rng.choice([2, 4, 5, 8, 10, 20, 25])
+        question, value = f"What is {a} divided by {b}?", Fraction(a, b)
+        expression = None  # a / b is itself the fraction, an answer
+        reference = f"{float(value):g}" if rng.random() < 0.5 else _fraction_text(value)
+    equivalent = rng.random() < 0.5
+    candidate = rng.choice(_equivalent_forms(value) if equivalent else _near_misses(value, expression))
+    key = f"{rng.getrandbits(64):016x}"
+    label = "YES" if equivalent else "NO"
+    prompt = build_verifier_prompt(question, reference, f"The answer is {candidate}.", key, thinking=True)
+    why = "has the same value as" if equivalent else "is not the same single value as"
+    solution = (f"The reference answer {reference} has the value {_fraction_text(value)}. The model answer {candidate} "
+                f"{why} the reference.\nVERDICT {key}: {label}")
+    return Problem("verify", "verify", prompt, solution, label, difficulty=difficulty, metadata={"verdict_key": key})
+
+
 GENERATORS: dict = {
     "arithmetic": arithmetic,
     "linear_equation": linear_equation,
     "string_task": string_task,
     "program": program,
+    "verify": verify,
 }
+# Families drawn when none are named; ``verify`` is asked for by name (long prompts, meant for a policy that judges).
+DEFAULT_FAMILIES = ("arithmetic", "linear_equation", "string_task", "program")
 
 
 # ----------------------------------------------------------------------------- sets
 
 
 def _problems(num: int, seed: int, families: Optional[Sequence[str]], difficulty: Sequence[int]) -> list:
-    families = list(families or GENERATORS)
+    families = list(families or DEFAULT_FAMILIES)
     unknown = [f for f in families if f not in GENERATORS]
     if unknown:
         raise ValueError(f"unknown task families {unknown}; choose from {', '.join(GENERATORS)}")
@@ -297,7 +373,8 @@ def generate_prompts(
         records.append(
             PromptRecord(
                 id=f"{p.kind}-{seed}-{i:06d}", domain=p.domain, prompt=p.prompt, reference_answer=p.answer,
-                unit_tests=p.unit_tests, checker=p.checker, metadata={"difficulty": p.difficulty, "kind": p.kind},
+                unit_tests=p.unit_tests, checker=p.checker,
+                metadata={"difficulty": p.difficulty, "kind": p.kind, **p.metadata},
             )
         )
     return records

@@ -1,7 +1,7 @@
 """Typed configuration: dataclasses, YAML loading, ``--set`` overrides, validation.
 
 A run is described by one :class:`Config` with sections ``model`` (with ``model.moe``),
-``parallel``, ``train``, ``rl``, ``rollout`` and ``data``. Values come from, in order:
+``parallel``, ``train``, ``rl``, ``rollout``, ``rewards`` and ``data``. Values come from, in order:
 the dataclass defaults, a preset (``configs/<name>.yaml``) or a YAML file, then
 ``--set section.field=value`` overrides. Every error is a :class:`ConfigError` whose
 message names the field, the bad value and the fix.
@@ -178,6 +178,28 @@ class RLConfig:
 
 
 @dataclass
+class RewardsConfig:
+    """Reward scorers behind the router (see rl/rewards/factory.py): which exist and their limits."""
+
+    workers: int = 4  # samples the router scores at once
+    math_timeout_s: float = 5.0  # CPU seconds one math check may use (worker start-up not counted)
+    math_workers: int = 2  # math verification processes
+    code_mode: str = "fraction"  # fraction (share of tests passed) | all (1 only if every test passes)
+    code_workers: int = 2  # sandboxes running at once
+    sandbox_cpu_s: int = 2  # CPU seconds per test case (interpreter start-up not counted)
+    sandbox_wall_s: float = 5.0  # wall clock per test case while the program is not runnable (sleeping, blocked)
+    sandbox_memory_mb: int = 512
+    isolation: str = "auto"  # auto | bubblewrap | rlimits-only
+    llm_judge: str = "none"  # none | url (OpenAI-compatible server) | policy (our own policy, passed in by the RL trainer)
+    judge_url: Optional[str] = None  # llm_judge=url: API root, e.g. http://host:8000/v1
+    judge_model: str = "default"
+    judge_thinking: bool = True  # Seed-Thinking-Verifier prompt (reason, then "Final verdict"); false = direct YES/NO
+    judge_timeout_s: float = 60.0
+    reward_model: Optional[str] = None  # pairwise reward-model checkpoint (megatron-seed train-rm --save) for chat prompts
+    reward_model_tokenizer: Optional[str] = None  # its tokenizer: "bytes" or a data.tokenizer spec; None = data.tokenizer
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -185,6 +207,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     rl: RLConfig = field(default_factory=RLConfig)
+    rewards: RewardsConfig = field(default_factory=RewardsConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -411,6 +434,25 @@ def validate_parallel(p: ParallelConfig, m: ModelConfig) -> None:
         _require(p.tp > 1, "parallel.sequence_parallel=true needs parallel.tp > 1")
 
 
+def validate_rewards(w: RewardsConfig) -> None:
+    for name in ("workers", "math_timeout_s", "math_workers", "code_workers", "sandbox_cpu_s", "sandbox_wall_s",
+                 "sandbox_memory_mb", "judge_timeout_s"):
+        _positive(f"rewards.{name}", getattr(w, name))
+    _one_of("rewards.code_mode", w.code_mode, ("fraction", "all"))
+    _one_of("rewards.isolation", w.isolation, ("auto", "bubblewrap", "rlimits-only"))
+    _one_of("rewards.llm_judge", w.llm_judge, ("none", "url", "policy"))
+    if w.llm_judge == "url":
+        _require(bool(w.judge_url) and str(w.judge_url).startswith(("http://", "https://")),
+                 f"rewards.llm_judge=url needs rewards.judge_url=http(s)://host:port/v1 (got {w.judge_url!r}); "
+                 "fix: set it, or use rewards.llm_judge=policy (our own policy judges) or none")
+    elif w.judge_url:
+        _require(False, f"rewards.judge_url={w.judge_url!r} is set but rewards.llm_judge={w.llm_judge!r}; "
+                 "fix: set rewards.llm_judge=url, or drop judge_url")
+    if w.reward_model is not None:
+        _require(Path(w.reward_model).is_file(), f"rewards.reward_model={w.reward_model!r}: no such file; "
+                 "fix: give the path written by `megatron-seed train-rm --save`")
+
+
 def validate_config(cfg: Config) -> None:
     validate_model(cfg.model)
     validate_parallel(cfg.parallel, cfg.model)
@@ -460,6 +502,7 @@ def validate_config(cfg: Config) -> None:
                  "fix: set it, or use rollout.engine=native")
         _require(bool(ro.external_weights_dir), "rollout.engine=external needs rollout.external_weights_dir: a directory the trainer writes "
                  "the policy's weights to after each update and the server reloads them from")
+    validate_rewards(cfg.rewards)
     if cfg.data.weights is not None:
         _require(
             len(cfg.data.weights) == len(cfg.data.train_data),

@@ -9,6 +9,7 @@ import pytest
 
 from data.filters import FilterConfig, PromptScores, decide, filter_prompts, kept_records
 from data.prompts import PromptRecord, iter_prompt_records, load_prompts, write_prompts
+from data.checkers import checker_function, expects
 from data.tasks import GENERATORS, generate_prompts, generate_sft
 
 
@@ -113,12 +114,11 @@ def test_reference_programs_pass_their_unit_tests_under_their_checker():
     assert len(kinds) >= 6
     for record, conv in programs[:16]:
         source = conv[2]["content"].removeprefix("```python\n").removesuffix("\n```")
-        namespace: dict = {}
-        exec(record.checker, namespace)
+        accepts = checker_function(record.checker) if record.checker else (lambda out, exp, stdin: expects(out, exp))
         for case in record.unit_tests:
             out = subprocess.run([sys.executable, "-c", source], input=case["input"], capture_output=True, text=True, timeout=30)
-            assert namespace["check"](out.stdout, case["output"]), (record.id, case)
-        assert not namespace["check"]("definitely wrong\n", record.unit_tests[0]["output"])
+            assert accepts(out.stdout, case["output"], case["input"]), (record.id, case)
+        assert not accepts("definitely wrong\n", record.unit_tests[0]["output"], record.unit_tests[0]["input"])
 
 
 def test_math_answers_are_correct():

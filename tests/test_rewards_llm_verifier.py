@@ -7,12 +7,15 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from rl.rewards.base import ScoringSample
-from rl.rewards.llm_verifier import (PRINCIPLES, CallableJudge, JudgeError, LLMVerifier, OpenAIJudge,
-                                     build_verifier_prompt, parse_verdict)
+from data.verifier_prompt import PRINCIPLES, build_verifier_prompt, parse_verdict
+from rl.rewards.llm_verifier import CallableJudge, JudgeError, LLMVerifier, OpenAIJudge
+
+KEY = "0123456789abcdef"
 
 
 class FakeJudgeServer:
-    """``/v1/chat/completions`` on 127.0.0.1: says YES iff the model answer block equals the reference block.
+    """``/v1/chat/completions`` on 127.0.0.1: says YES iff the model answer block equals the reference block,
+    in the keyed verdict line the prompt asks for.
 
     ``fail_next`` requests get HTTP 500 first; ``delay_s`` delays every reply.
     """
@@ -40,9 +43,11 @@ class FakeJudgeServer:
                 time.sleep(server.delay_s)
                 prompt = body["messages"][0]["content"]
                 reference = prompt.split("Reference answer:\n")[1].split("\n\n")[0]
-                answer = prompt.split("Model answer:\n")[1].split("\n\n")[0]
+                key = prompt.rsplit("VERDICT ", 1)[1].split(":")[0]
+                answer = prompt.split(f"<answer-{key}>\n")[1].split(f"\n</answer-{key}>")[0]
                 verdict = "YES" if answer.strip() == reference.strip() else "NO"
-                content = f"The two answers are compared.\n**Final Verdict:** {verdict}" if "step by step" in prompt else verdict
+                line = f"VERDICT {key}: **{verdict}**"
+                content = f"The two answers are compared.\n{line}" if "step by step" in prompt else line
                 data = json.dumps({"choices": [{"message": {"role": "assistant", "content": content}}]}).encode()
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")
@@ -74,35 +79,33 @@ def sample(answer, reference="42"):
     return ScoringSample(question="What is 6 * 7?", response=f"<think>6*7</think>{answer}", reference=reference)
 
 
-def test_prompt_contains_triplet_principles_and_instruction():
-    direct = build_verifier_prompt("Q?", "ref", "ans", thinking=False)
-    thinking = build_verifier_prompt("Q?", "ref", "ans", thinking=True)
+def test_prompt_contains_triplet_principles_and_keyed_instruction():
+    direct = build_verifier_prompt("Q?", "ref", "ans", KEY, thinking=False)
+    thinking = build_verifier_prompt("Q?", "ref", "ans", KEY, thinking=True)
     for p in (direct, thinking):
-        assert "Question:\nQ?" in p and "Reference answer:\nref" in p and "Model answer:\nans" in p
-        assert PRINCIPLES in p
-    assert "single word" in direct and "Final verdict: YES" in thinking
-    assert "Model answer:\n(empty)" in build_verifier_prompt("Q?", "ref", "  ")
+        assert "Question:\nQ?" in p and "Reference answer:\nref" in p and f"<answer-{KEY}>\nans\n</answer-{KEY}>" in p
+        assert PRINCIPLES in p and f"VERDICT {KEY}: YES" in p
+    assert "step by step" in thinking and "step by step" not in direct
+    assert f"<answer-{KEY}>\n(empty)" in build_verifier_prompt("Q?", "ref", "  ", KEY)
+    with pytest.raises(ValueError, match="hex"):
+        build_verifier_prompt("Q?", "ref", "ans", "not a key")
 
 
-@pytest.mark.parametrize("reply,thinking,expected", [
-    ("Reasoning...\nFinal verdict: YES", True, True),
-    ("reasoning\nfinal verdict: no", True, False),
-    ("**Final Verdict:** Yes.\nHope this helps!", True, True),
-    ("Final verdict: NO\n...on reflection...\nFinal Verdict: **YES**", True, True),
-    ("Final verdict - Correct", True, True),
-    ("Final verdict: incorrect", True, False),
-    ("I think YES but maybe not", True, None),
-    ("Final verdict: maybe", True, None),
-    ("", True, None),
-    ("YES", False, True),
-    ("**no**", False, False),
-    ("Yes.", False, True),
-    ("The answer is yes", False, None),
-    ("YES NO", False, None),
-    ("", False, None),
+@pytest.mark.parametrize("reply,expected", [
+    (f"Reasoning...\nVERDICT {KEY}: YES", True),
+    (f"reasoning\nverdict {KEY}: no", False),
+    (f"**VERDICT {KEY}:** **Yes**.\nHope this helps!", None),  # the colon belongs right after the key
+    (f"VERDICT {KEY}: **Yes**.\nHope this helps!", True),
+    (f"VERDICT {KEY}: NO\n...on reflection...\nVERDICT {KEY}: YES", True),  # the last keyed line decides
+    ("Final verdict: YES", None),  # no key: the format the candidate could imitate
+    ("VERDICT 1111111111111111: YES", None),  # another key
+    ("YES", None),
+    ("CORRECT", None),
+    (f"VERDICT {KEY}: maybe", None),
+    ("", None),
 ])
-def test_verdict_parsing(reply, thinking, expected):
-    assert parse_verdict(reply, thinking) is expected
+def test_verdict_parsing(reply, expected):
+    assert parse_verdict(reply, KEY) is expected
 
 
 @pytest.mark.parametrize("thinking", [False, True])
@@ -126,11 +129,11 @@ def test_retry_on_500_then_success(server):
     assert len(server.requests) == 3
 
 
-def test_retries_exhausted_is_incorrect_with_reason(server):
+def test_retries_exhausted_is_masked_with_reason(server):
     server.fail_next = 10
     judge = OpenAIJudge(server.base_url, model="m", retries=1, backoff_s=0.01, timeout_s=10)
     res = LLMVerifier(judge).score(sample("42"))
-    assert not res.correct and res.reward == 0.0
+    assert not res.correct and res.reward == 0.0 and res.masked and res.category == "judge_error"
     assert "HTTP 500" in res.reason and "2 attempts" in res.reason
 
 
@@ -139,14 +142,22 @@ def test_timeout_then_retry_gives_up(server):
     server.delay_s = 1.0
     judge = OpenAIJudge(server.base_url, model="m", retries=1, backoff_s=0.01, timeout_s=0.2)
     res = LLMVerifier(judge).score(sample("42"))
-    assert not res.correct and "judge failed" in res.reason and "Timeout" in res.reason
+    assert not res.correct and res.masked and "judge failed" in res.reason and "Timeout" in res.reason
     assert len(server.requests) == 2
 
 
-def test_malformed_judge_reply_is_incorrect_with_reason():
+def test_malformed_judge_reply_is_masked_with_reason():
     verifier = LLMVerifier(CallableJudge(lambda prompts: ["I am not sure." for _ in prompts]), thinking=True)
     res = verifier.score(sample("42"))
-    assert not res.correct and "malformed" in res.reason
+    assert not res.correct and res.masked and "malformed" in res.reason
+
+
+def test_failing_policy_judge_is_masked():
+    def generate(prompts):
+        raise RuntimeError("out of KV cache")
+
+    res = LLMVerifier(CallableJudge(generate)).score(sample("42"))
+    assert res.masked and res.category == "judge_error" and "out of KV cache" in res.reason
 
 
 def test_callable_judge_checks_reply_count():

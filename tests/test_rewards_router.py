@@ -1,10 +1,11 @@
-"""Reward router: routing by domain/fields, overlong penalty, concurrent batch scoring in input order."""
+"""Reward router: routing by domain/fields, overlong penalty, concurrent batch scoring in input order,
+a failing scorer masks only its sample, pairwise groups filled from the batch."""
 import threading
 import time
 
 import pytest
 
-from rl.rewards.base import BaseScorer, RewardResult, ScoringSample
+from rl.rewards.base import BaseScorer, RewardResult, ScoringSample, loss_mask, reason_counts
 from rl.rewards.math_verifier import MathVerifier
 from rl.rewards.router import RewardRouter, RouterConfig
 
@@ -24,7 +25,7 @@ class Recorder(BaseScorer):
 
 @pytest.fixture
 def router():
-    return RewardRouter({name: Recorder(name) for name in ("math", "code", "llm", "pairwise")},
+    return RewardRouter({name: Recorder(name) for name in ("math", "exact", "verify", "code", "llm", "pairwise")},
                         RouterConfig(workers=4, progress=True))
 
 
@@ -33,6 +34,8 @@ def router():
     (dict(domain="Code", tests=[{"input": "", "output": ""}]), "code"),
     (dict(domain="stem", reference="x"), "llm"),
     (dict(domain="creative"), "pairwise"),
+    (dict(domain="puzzle", reference="a, b"), "exact"),
+    (dict(domain="verify", reference="YES"), "verify"),
     (dict(tests=[{"assert": "assert True"}]), "code"),
     (dict(reference="5"), "llm"),
     (dict(), "pairwise"),
@@ -76,14 +79,47 @@ def test_overlong_penalty_hard_and_soft():
         RouterConfig(max_length=4, overlong_buffer=4).validate()
 
 
-def test_scorer_failure_names_the_sample():
+def test_scorer_failure_masks_only_that_sample():
     class Broken(BaseScorer):
         def score(self, sample):
-            raise KeyError("boom")
+            if sample.response == "bad":
+                raise KeyError("boom")
+            return RewardResult(1.0, True, "ok")
 
-    r = RewardRouter({"math": Broken()}, RouterConfig(progress=False))
-    with pytest.raises(RuntimeError, match="sample 0 .*boom"):
-        r.score_batch([ScoringSample(response="a", domain="math")])
+    r = RewardRouter({"math": Broken()}, RouterConfig(max_length=1, overlong_penalty=0.5, progress=False))
+    results = r.score_batch([ScoringSample(response="ok", domain="math"), ScoringSample(response="bad", domain="math")])
+    assert results[0].correct and results[0].reward == 0.5  # the overlong penalty applies to a real score ...
+    bad = results[1]
+    assert (bad.reward, bad.correct, bad.masked, bad.category) == (0.0, False, True, "scoring_error")  # ... not to a mask
+    assert "KeyError" in bad.reason and "boom" in bad.reason
+    assert loss_mask(results) == [True, False]
+    counts = reason_counts(results)
+    assert counts["passed"] == 1 and counts["scoring_error"] == 1 and counts["masked"] == 1 and counts["timeout"] == 0
+
+
+def test_pairwise_samples_get_their_prompts_group_and_batched_scorers_one_call():
+    class GroupSize(BaseScorer):
+        def score(self, sample):
+            return RewardResult(float(len(sample.group or [])), False, "rm")
+
+    class Batched(BaseScorer):
+        batched = True
+
+        def __init__(self):
+            self.calls = []
+
+        def score_batch(self, samples):
+            self.calls.append(len(samples))
+            return [RewardResult(1.0, True, "judge") for _ in samples]
+
+    llm = Batched()
+    r = RewardRouter({"pairwise": GroupSize(), "llm": llm}, RouterConfig(progress=False))
+    samples = [ScoringSample(response=f"r{i}", question="q1" if i < 3 else "q2") for i in range(5)]
+    samples += [ScoringSample(response="given", question="q1", group=["given", "other"])]
+    samples += [ScoringSample(response=f"v{i}", reference="1", domain="stem") for i in range(3)]
+    results = r.score_batch(samples)
+    assert [x.reward for x in results[:6]] == [4.0, 4.0, 4.0, 2.0, 2.0, 2.0]  # q1: r0-r2 and "given"
+    assert llm.calls == [3] and all(x.correct for x in results[6:])
 
 
 @pytest.mark.timeout(120)

@@ -222,15 +222,17 @@ def test_function_call_assertions(reward):
     good = score(reward, program, [{"assert": "assert add(1, 2) == 3"}, {"assert": "assert add(-1, 1) == 0"}])
     bad = score(reward, program, [{"assert": "assert add(2, 2) == 5"}])
     assert good.correct and good.reward == 1.0
-    assert not bad.correct and "AssertionError" in bad.reason
+    assert not bad.correct and "assertion failed" in bad.reason and bad.category == "wrong_answer"
 
 
 CHECKER_ANY_DIVISOR = """
-n = int(open('input.txt').read())
-got = open('output.txt').read().split()
-assert len(got) == 1, 'one number expected'
-d = int(got[0])
-assert 1 < d < n and n % d == 0, 'not a proper divisor'
+def check(output, expected, input):
+    n = int(input)
+    got = output.split()
+    if len(got) != 1:
+        return False
+    d = int(got[0])
+    return 1 < d < n and n % d == 0
 """
 
 
@@ -239,7 +241,9 @@ def test_checker_accepts_alternative_valid_answer(reward):
     alternative = score(reward, "n = int(input())\nprint(n // 2)", tests, checker=CHECKER_ANY_DIVISOR)
     wrong = score(reward, "n = int(input())\nprint(5)", tests, checker=CHECKER_ANY_DIVISOR)
     assert alternative.correct and alternative.reward == 1.0
-    assert not wrong.correct and "rejected by checker" in wrong.reason
+    assert not wrong.correct and "rejected by checker (reject)" in wrong.reason
+    garbage = score(reward, "print('twelve')", tests, checker=CHECKER_ANY_DIVISOR)  # the checker raises on it
+    assert not garbage.correct and "rejected by checker (error: ValueError" in garbage.reason
     assert not score(reward, "print(6)", tests).correct  # without the checker: exact comparison
 
 

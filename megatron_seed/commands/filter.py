@@ -2,7 +2,9 @@
 
 Samples ``-n`` responses per prompt with our checkpoint (``--set train.load_dir=DIR``;
 without it the config's freshly initialised model, useful only for a dry run) through
-the rollout engine, scores them with the reward router (math verifier + code sandbox),
+the rollout engine, scores them with the reward router of the config's ``rewards``
+section (:func:`rl.rewards.factory.build_reward_router`; prompts it cannot score are
+refused first),
 and applies the :mod:`data.filters` rules. Writes the kept prompts (JSONL, input order)
 and a JSON report with counts per domain and reason (default ``<output>.report.json``).
 """
@@ -31,11 +33,13 @@ def run(args: argparse.Namespace) -> int:
     from data.filters import FilterConfig
     from data.tasks import SYSTEM_PROMPT
     from data.tokenizer import load_tokenizer
-    from megatron_seed.commands.rl import _load_weights, build_router
+    from data.prompts import load_prompts
+    from megatron_seed.commands.rl import _load_weights
     from megatron_seed.config import ConfigError, load_config
     from megatron_seed.model.build import build_model_chunks
     from megatron_seed.parallel.state import ParallelState
     from rl.filter_prompts import engine_policy, filter_prompt_file
+    from rl.rewards.factory import admit_prompts, build_reward_router
     from rl.rollout.engine import RolloutEngine
 
     cfg = load_config(args.preset or (None if args.config else "tiny"), args.config, args.overrides)
@@ -45,6 +49,8 @@ def run(args: argparse.Namespace) -> int:
         filter_cfg = FilterConfig(args.easy_pass_rate, args.hard_pass_rate, args.min_score_variance)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    router = build_reward_router(cfg)
+    admit_prompts(load_prompts(args.input)[0], router)
     ps = ParallelState.single()
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     if tokenizer.vocab_size > cfg.model.vocab_size:
@@ -55,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
         _load_weights(chunks, cfg.train.load_dir, 0, layout)
     engine = RolloutEngine(chunks, ps, cfg.rollout, tokenizer=tokenizer, seed=cfg.train.seed)
     n = args.samples or cfg.rollout.samples_per_prompt
-    report, loaded = filter_prompt_file(args.input, args.output, engine_policy(engine, tokenizer, SYSTEM_PROMPT), build_router(cfg), n,
+    report, loaded = filter_prompt_file(args.input, args.output, engine_policy(engine, tokenizer, SYSTEM_PROMPT), router, n,
                                         filter_cfg, args.batch_prompts, args.report)
     print(report.format())
     if loaded.num_bad:

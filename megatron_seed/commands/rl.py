@@ -4,9 +4,10 @@ Policy: the config's model (the ``tiny`` preset by default), optionally from a
 pretraining/SFT checkpoint (``--set train.load_dir=DIR``, weights only); the critic is
 the same GPT-MoE with a value head, initialised from the policy's weights. Prompts: a
 JSONL file (``--prompts`` or ``data.prompts``) or generated verifiable tasks
-(arithmetic, linear equations, programs) from :mod:`data.tasks`. Rewards: math
-verifier + code sandbox through the reward router (DAPO overlong penalty from
-``rl.overlong_penalty``). Then value pretraining (``rl.value_pretrain_steps``) and
+(arithmetic, linear equations, programs) from :mod:`data.tasks`. Rewards: the router
+of :func:`rl.rewards.factory.build_reward_router` (config section ``rewards``; DAPO
+overlong penalty from ``rl.overlong_penalty``); prompts it cannot score are refused
+before training starts. Then value pretraining (``rl.value_pretrain_steps``) and
 ``rl.steps`` PPO steps, each: draw ``rl.prompts_per_step`` prompts with the adaptive
 domain sampler, sample ``rollout.samples_per_prompt`` responses per prompt, score, PPO
 update of actor and critic, update the domain weights from the step's rewards. Every
@@ -46,18 +47,6 @@ def run(args: argparse.Namespace) -> int:
     preset = args.preset or (None if args.config else "tiny")
     cfg = load_config(preset, args.config, QUICK_RUN + list(args.overrides))
     return rl_main(cfg, args.prompts or cfg.data.prompts, args.num_tasks, args.resume)
-
-
-def build_router(cfg, workers: int = 2):
-    """Math verifier + code sandbox behind the reward router, with the DAPO overlong penalty of ``rl.overlong_penalty``."""
-    from rl.rewards.code_reward import CodeReward, CodeRewardConfig
-    from rl.rewards.math_verifier import MathVerifier
-    from rl.rewards.router import RewardRouter, RouterConfig
-
-    max_new = cfg.rollout.max_new_tokens
-    router_cfg = RouterConfig(max_length=max_new if cfg.rl.overlong_penalty > 0 else None, overlong_penalty=cfg.rl.overlong_penalty,
-                              overlong_buffer=max_new // 4 if cfg.rl.overlong_penalty > 0 else 0, workers=workers, progress=False)
-    return RewardRouter({"math": MathVerifier(), "code": CodeReward(CodeRewardConfig(workers=workers))}, router_cfg)
 
 
 def _load_weights(chunks: list, load_dir: str, rank: int, layout: dict) -> None:
@@ -107,6 +96,7 @@ def rl_main(cfg, prompts_path, num_tasks: int, resume: bool) -> int:
     from megatron_seed.parallel.sharding import full_state_dict
     from rl.rollout.engine import RolloutEngine, local_prompts
     from rl.rollout.external import HTTPCompletionsEngine, OneQueryPerReplica
+    from rl.rewards.factory import admit_prompts, build_reward_router
     from rl.value_pretrain import value_pretrain
 
     rank, world = init_distributed(cfg.parallel.backend)
@@ -134,6 +124,8 @@ def rl_main(cfg, prompts_path, num_tasks: int, resume: bool) -> int:
             raise ConfigError(f"{prompts_path}: no valid prompt records ({report.summary()})")
     else:
         records = generate_prompts(num_tasks, seed=cfg.train.seed, families=TASK_FAMILIES, difficulty=(1, 2))
+    router = build_reward_router(cfg)
+    admit_prompts(records, router)
     sampler = DomainSampler(split_by_domain(records), r, seed=cfg.train.seed)
 
     resumed = resume and checkpoint.latest_checkpoint(actor_cfg.train.save_dir) is not None
@@ -154,7 +146,6 @@ def rl_main(cfg, prompts_path, num_tasks: int, resume: bool) -> int:
         if cfg.train.load_dir:
             _load_weights(reference, cfg.train.load_dir, rank, actor.layout_record())
 
-    router = build_router(cfg)
     external = cfg.rollout.engine == "external"
     if external:
         # behaviour log-probs come from the server's kernels: recompute them with the trainer so PPO's ratio starts at 1

@@ -4,18 +4,22 @@ Test cases (``ScoringSample.tests``), each a dict:
 
 * ``{"input": "...", "output": "..."}``: feed ``input`` on stdin, compare stdout with
   ``output`` token by token (whitespace-insensitive; numbers within ``float_tol``
-  relative/absolute when configured), or ask the checker script.
-* ``{"assert": "assert add(1, 2) == 3"}``: append the code to the program; the case
-  passes iff the program then exits 0 (function-call tests).
+  relative/absolute when configured), or ask the checker.
+* ``{"assert": "assert add(1, 2) == 3"}``: a function-call test. The sandbox's driver
+  imports the program as a module and runs the statements itself; the case passes only
+  when the driver saw them run to completion (its nonce-keyed record), never on an
+  exit status (see :mod:`rl.rewards.sandbox_harness`).
 
-Checker script (``ScoringSample.checker``, Python source): run in the sandbox with
-``input.txt``, ``expected.txt`` and ``output.txt`` in its working directory; exit
-status 0 accepts the candidate's output, anything else rejects it. Use it for special
-judges: several valid answers, custom float tolerance, output validated by rules.
+Checker (``ScoringSample.checker``, the :mod:`data.checkers` contract): Python source
+defining ``check(output, expected[, input]) -> bool``, run in the sandbox after the
+candidate has ended; only ``True`` accepts. Use it for special judges: several valid
+answers, custom float tolerance, output validated by rules.
 
 Reward = fraction of cases passed (``mode="fraction"``) or 1/0 for all/any failing
-(``mode="all"``); ``correct`` means every case passed. A sandbox failure of any kind
-(timeout, crash, output limit, sandbox error) fails the case: it is never a pass.
+(``mode="all"``); ``correct`` means every case passed. A failed case is never a pass.
+The category of a failed sample is its worst case's: ``sandbox_error`` (the whole
+sample is masked: the sandbox, not the program, failed), then ``hack_suspect``,
+``timeout``, ``crash``, ``wrong_answer``.
 """
 from __future__ import annotations
 
@@ -26,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from rl.rewards.base import BaseScorer, RewardResult, ScoringSample, require_field
-from rl.rewards.sandbox import RunResult, Sandbox, SandboxLimits
+from rl.rewards.sandbox import Case, RunResult, Sandbox, SandboxLimits
 
 _FENCE = re.compile(r"```[ \t]*(?:python3?|py)?[ \t]*\n(.*?)```", re.DOTALL | re.IGNORECASE)
 
@@ -82,63 +86,60 @@ class CodeReward(BaseScorer):
         tests = require_field(sample, "tests", "CodeReward")
         if not tests:
             raise ValueError("CodeReward: sample has an empty 'tests' list; give at least one test case")
-        program = extract_code(sample.response)
-        runs = self._run_cases(program, [self._case(case, i) for i, case in enumerate(tests)])
+        cases = [self._case(case, i) for i, case in enumerate(tests)]
+        runs = self._run_cases(extract_code(sample.response), cases, sample.checker)
         verdicts = [self._judge(case, run, sample.checker) for case, run in zip(tests, runs)]
-        if sample.checker is not None:
-            verdicts = self._run_checkers(tests, runs, verdicts, sample.checker)
-        passed = sum(ok for ok, _ in verdicts)
+        passed = sum(category == "passed" for category, _ in verdicts)
         total = len(tests)
-        failures = [f"test {i}: {why}" for i, (ok, why) in enumerate(verdicts) if not ok]
-        reason = f"{passed}/{total} tests passed" + (f"; first failure: {failures[0]}" if failures else "")
-        if self.config.mode == "all":
-            reward = 1.0 if passed == total else 0.0
-        else:
-            reward = passed / total
-        return RewardResult(reward, passed == total, reason)
+        failures = [(i, c, why) for i, (c, why) in enumerate(verdicts) if c != "passed"]
+        reason = f"{passed}/{total} tests passed"
+        if not failures:
+            return RewardResult(1.0, True, reason)
+        worst = min(failures, key=lambda f: _SEVERITY.index(f[1]))
+        reason += f"; first failure: test {failures[0][0]}: {failures[0][2]}"
+        if worst[1] != failures[0][1]:
+            reason += f"; worst: test {worst[0]}: {worst[2]}"
+        if worst[1] == "sandbox_error":
+            return RewardResult.failed("sandbox_error", reason)
+        reward = 0.0 if self.config.mode == "all" else passed / total
+        return RewardResult(reward, False, reason, worst[1])
 
-    def _run_cases(self, program: str, cases: list) -> list:
+    def _run_cases(self, program: str, cases: list, checker: Optional[str]) -> list:
         """All cases of one program, split over up to ``workers`` sandboxes running at once."""
         n_chunks = min(self.config.workers, len(cases))
         size = -(-len(cases) // n_chunks)
         chunks = [cases[i:i + size] for i in range(0, len(cases), size)]
         if len(chunks) == 1:
-            return self.sandbox.run_cases(program, chunks[0])
+            return self.sandbox.run_cases(program, chunks[0], checker)
         with ThreadPoolExecutor(len(chunks)) as pool:
-            return [run for runs in pool.map(lambda c: self.sandbox.run_cases(program, c), chunks) for run in runs]
+            return [run for runs in pool.map(lambda c: self.sandbox.run_cases(program, c, checker), chunks) for run in runs]
 
     @staticmethod
-    def _case(case: dict, index: int) -> tuple:
-        """(stdin, code appended to the program) for one test case."""
+    def _case(case: dict, index: int) -> Case:
         if "assert" in case:
-            return (case.get("input", ""), "\n\n" + case["assert"] + "\n")
+            return Case(case.get("input", ""), test=case["assert"])
         if "output" in case:
-            return (case.get("input", ""), "")
+            return Case(case.get("input", ""), expected=case["output"])
         raise ValueError(f"CodeReward: test {index} has neither 'output' (stdin/stdout case) nor 'assert' "
                          f"(function-call case); keys given: {sorted(case)}")
 
-    def _judge(self, case: dict, run: RunResult, checker: Optional[str]) -> tuple[bool, str]:
-        """(passed, why) from the candidate's run alone; stdin/stdout cases with a checker are decided later."""
-        if not run.ok:
-            return False, run.describe()
-        if "assert" in case:
-            return True, "ok"
-        if checker is not None:
-            return False, "pending checker"
-        if outputs_match(run.stdout, case["output"], self.config.float_tol):
-            return True, "ok"
-        return False, f"wrong answer: got {run.stdout.strip()[:60]!r}, expected {case['output'].strip()[:60]!r}"
+    def _judge(self, case: dict, run: RunResult, checker: Optional[str]) -> tuple[str, str]:
+        """(category, why) of one case: ``passed`` or the failure's category (see :data:`_SEVERITY`)."""
+        if run.status == "ok":
+            if "assert" in case:
+                return "passed", "ok"
+            if checker is not None:
+                if run.checker == "accept":
+                    return "passed", "ok"
+                return "wrong_answer", f"rejected by checker ({run.checker})"
+            if outputs_match(run.stdout, case["output"], self.config.float_tol):
+                return "passed", "ok"
+            return "wrong_answer", f"wrong answer: got {run.stdout.strip()[:60]!r}, expected {case['output'].strip()[:60]!r}"
+        category = {"test_failed": "wrong_answer", "timeout": "timeout", "hack_suspect": "hack_suspect",
+                    "sandbox_error": "sandbox_error"}.get(run.status, "crash")
+        if run.status == "runtime_error" and run.detail == "CPU time limit":
+            category = "timeout"
+        return category, run.describe()
 
-    def _run_checkers(self, tests: list, runs: list, verdicts: list, checker: str) -> list:
-        pending = [i for i, (case, run) in enumerate(zip(tests, runs)) if run.ok and "assert" not in case]
-        jobs = [(checker, "", {"input.txt": tests[i].get("input", ""), "expected.txt": tests[i]["output"],
-                               "output.txt": runs[i].stdout}) for i in pending]
-        verdicts = list(verdicts)
-        for i, check in zip(pending, self.sandbox.run_many(jobs)):
-            if check.ok:
-                verdicts[i] = (True, "ok")
-            elif check.status == "runtime_error" and check.detail.startswith("exit code"):
-                verdicts[i] = (False, f"rejected by checker ({check.detail})")
-            else:
-                verdicts[i] = (False, f"checker failed: {check.describe()}")
-        return verdicts
+
+_SEVERITY = ("sandbox_error", "hack_suspect", "timeout", "crash", "wrong_answer")

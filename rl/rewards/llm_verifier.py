@@ -1,10 +1,16 @@
 """Model-based verifier (Seed-Verifier / Seed-Thinking-Verifier) with pluggable judges.
 
-The judge sees the triplet (question, reference answer, model answer) and written
-principles for deciding equivalence, and answers YES or NO. The "thinking" variant asks
-it to reason step by step first and end with ``Final verdict: YES`` / ``NO``; the verdict
-is the last such line (case, markdown emphasis and trailing text tolerated). Anything
-else (no verdict, both, an empty reply, a failed request) scores 0 with the reason.
+The judge gets the prompt of :mod:`data.verifier_prompt` (question, reference answer,
+model answer, principles) with a fresh random key per sample and must end with
+``VERDICT <key>: YES`` or ``NO``; the "thinking" variant asks it to reason first. The
+key keeps the candidate's text from becoming the verdict: a verdict imitated inside
+the answer has no key, and the parser accepts only the keyed line.
+
+Before any judge call an answer is refused without a verdict when it is empty
+(``no_answer``) or addresses the judge (``hack_suspect``: it mentions a verdict, the
+rubric or the grader, or tells the reader to ignore instructions or to reply
+YES / CORRECT). A judge that fails or replies without a keyed verdict says nothing
+about the answer: the result is a masked ``judge_error``.
 
 Judges implement :class:`Judge` (``complete(prompts) -> replies``):
 :class:`OpenAIJudge` talks to any OpenAI-compatible ``/v1/chat/completions`` endpoint
@@ -17,69 +23,21 @@ from __future__ import annotations
 import json
 import random
 import re
+import secrets
 import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Optional, Protocol, Sequence
 
+from data.verifier_prompt import PRINCIPLES, build_verifier_prompt, parse_verdict
 from rl.rewards.base import BaseScorer, RewardResult, ScoringSample, require_field
 
-PRINCIPLES = """\
-1. Judge only whether the model's final answer is equivalent to the reference answer; ignore the quality of the reasoning.
-2. Equivalent forms count as the same answer: fractions and decimals of equal value, algebraically equal expressions, \
-reordered sets, the same quantity in a different notation or with or without units when the units are implied.
-3. If the question asks for several values, every value must match; a partially correct answer is NOT equivalent.
-4. A numerical approximation matches only if the question allows approximation or the reference is itself approximate.
-5. If the model gives several different final answers, or hedges between candidates, it is NOT equivalent.
-6. An answer that is missing, empty or unreadable is NOT equivalent.
-7. For multiple choice, the chosen option (letter or its content) must be the reference option."""
-
-_PROMPT = """\
-You are a strict verifier. Decide whether a model's answer to a question is equivalent to the reference answer.
-
-Principles:
-{principles}
-
-Question:
-{question}
-
-Reference answer:
-{reference}
-
-Model answer:
-{answer}
-
-{instruction}"""
-
-_DIRECT = "Reply with a single word: YES if the model answer is equivalent to the reference answer, NO otherwise."
-_THINKING = ("First reason step by step about whether the model answer is equivalent to the reference answer, "
-             "applying the principles. Then end with a last line of the form:\nFinal verdict: YES\nor\nFinal verdict: NO")
-
-_VERDICT_LINE = re.compile(r"final\s+verdict\s*[:：\-]?\s*[*_`\"'\[(]*\s*(yes|no|correct|incorrect)\b", re.IGNORECASE)
-_BARE = re.compile(r"^[\s*_`\"'\[(]*(yes|no|correct|incorrect)\b[\s*_`\"'\])\.!]*$", re.IGNORECASE)
-
-
-def build_verifier_prompt(question: str, reference: str, answer: str, thinking: bool = False,
-                          principles: str = PRINCIPLES) -> str:
-    """The judge prompt for one (question, reference, answer) triplet."""
-    return _PROMPT.format(principles=principles, question=question.strip(), reference=reference.strip(),
-                          answer=answer.strip() or "(empty)", instruction=_THINKING if thinking else _DIRECT)
-
-
-def parse_verdict(reply: str, thinking: bool = False) -> Optional[bool]:
-    """True (YES) / False (NO) / None (malformed).
-
-    Thinking replies: the last ``Final verdict: X`` occurrence decides. Direct replies:
-    the same marker if present, else a reply that is only YES/NO (markdown allowed).
-    """
-    matches = _VERDICT_LINE.findall(reply)
-    if matches:
-        return matches[-1].lower() in ("yes", "correct")
-    if thinking:
-        return None
-    bare = _BARE.match(reply.strip())
-    return bare.group(1).lower() in ("yes", "correct") if bare else None
+# Text a genuine answer has no reason to contain: it speaks to whoever grades it.
+_ADDRESSES_JUDGE = re.compile(
+    r"verdict|rubric|grader|\bjudge\b|\bverifier\b|ignore\s+(?:all|the|any|previous|above|prior|your)"
+    r"|(?:reply|respond|answer|output|say|print|return)\s+(?:with\s+|only\s+)?[\"'`*]*(?:yes|correct|true|equivalent)\b",
+    re.IGNORECASE)
 
 
 class Judge(Protocol):
@@ -99,7 +57,10 @@ class CallableJudge:
         self.generate = generate
 
     def complete(self, prompts: list[str]) -> list[str]:
-        replies = list(self.generate(list(prompts)))
+        try:
+            replies = list(self.generate(list(prompts)))
+        except Exception as e:  # the policy's generation failing says nothing about the answers
+            raise JudgeError(f"CallableJudge: generate failed: {type(e).__name__}: {e}") from e
         if len(replies) != len(prompts):
             raise JudgeError(f"CallableJudge: generate returned {len(replies)} replies for {len(prompts)} prompts")
         return [str(r) for r in replies]
@@ -162,34 +123,61 @@ class LLMVerifier(BaseScorer):
 
     The model answer shown to the judge is the response after its reasoning (the part
     after ``</think>`` when present), truncated to ``max_answer_chars`` from the end.
+    ``batched``: the router hands over all its samples at once (one judge call).
     """
+
+    batched = True
 
     def __init__(self, judge: Judge, thinking: bool = True, principles: str = PRINCIPLES,
                  max_answer_chars: int = 4000) -> None:
+        if max_answer_chars < 1:
+            raise ValueError(f"LLMVerifier: max_answer_chars must be >= 1, got {max_answer_chars}")
         self.judge, self.thinking, self.principles = judge, thinking, principles
         self.max_answer_chars = max_answer_chars
 
-    def prompt_for(self, sample: ScoringSample) -> str:
+    def answer_of(self, sample: ScoringSample) -> str:
+        """What the judge sees of the response: the part after ``</think>``, its last ``max_answer_chars``."""
+        return sample.response.rsplit("</think>", 1)[-1][-self.max_answer_chars:].strip()
+
+    def prompt_for(self, sample: ScoringSample, key: str) -> str:
         reference = require_field(sample, "reference", "LLMVerifier")
-        answer = sample.response.rsplit("</think>", 1)[-1][-self.max_answer_chars:]
-        return build_verifier_prompt(sample.question or sample.prompt, str(reference), answer, self.thinking,
-                                     self.principles)
+        return build_verifier_prompt(sample.question or sample.prompt, str(reference), self.answer_of(sample), key,
+                                     self.thinking, self.principles)
 
     def score(self, sample: ScoringSample) -> RewardResult:
         return self.score_batch([sample])[0]
 
     def score_batch(self, samples: Sequence[ScoringSample]) -> list[RewardResult]:
-        prompts = [self.prompt_for(s) for s in samples]
+        results: list = [None] * len(samples)
+        asks, prompts, keys = [], [], []
+        for i, s in enumerate(samples):
+            answer = self.answer_of(s)
+            if not answer:
+                results[i] = RewardResult.failed("no_answer", "empty answer")
+                continue
+            hit = _ADDRESSES_JUDGE.search(answer)
+            if hit:
+                results[i] = RewardResult.failed("hack_suspect", f"answer addresses the judge ({hit.group(0)!r})")
+                continue
+            key = secrets.token_hex(8)
+            asks.append(i)
+            keys.append(key)
+            prompts.append(self.prompt_for(s, key))
+        if not asks:
+            return results
         try:
             replies = self.judge.complete(prompts)
         except JudgeError as e:
-            return [RewardResult(0.0, False, f"judge failed: {e}") for _ in samples]
-        results = []
-        for reply in replies:
-            verdict = parse_verdict(reply, self.thinking)
+            for i in asks:
+                results[i] = RewardResult.failed("judge_error", f"judge failed: {e}")
+            return results
+        for i, key, reply in zip(asks, keys, replies):
+            verdict = parse_verdict(reply, key)
             if verdict is None:
                 tail = reply.strip()[-80:].replace("\n", " ")
-                results.append(RewardResult(0.0, False, f"malformed judge reply (no verdict): ...{tail!r}"))
+                results[i] = RewardResult.failed("judge_error", f"malformed judge reply (no verdict line): ...{tail!r}")
+            elif verdict:
+                results[i] = RewardResult(1.0, True, "judge: YES")
             else:
-                results.append(RewardResult(float(verdict), verdict, "judge: YES" if verdict else "judge: NO"))
+                results[i] = RewardResult.failed("wrong_answer", "judge: NO")
         return results

@@ -266,3 +266,19 @@ class PairwiseRMScorer(BaseScorer):
         mine, *theirs = self.scores(prompt, [sample.response] + others)
         win_rate = sum(0.5 * (1.0 + math.tanh((mine - t) / 2)) for t in theirs) / len(theirs)  # mean sigmoid
         return RewardResult(win_rate, win_rate > 0.5, f"win rate {win_rate:.3f} over {len(theirs)} comparisons")
+
+
+def load_reward_model(path: str, encoder: Encoder) -> RewardModel:
+    """The :class:`RewardModel` written by :func:`save_reward_model`; a bad file fails naming it."""
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+        from megatron_seed.config import config_from_dict
+
+        cfg = config_from_dict({"model": payload["model_config"]}).model
+        model = RewardModel(cfg, encoder)
+        model.gpt.load_state_dict(payload["state_dict"])
+    except (OSError, KeyError, TypeError, RuntimeError, ValueError) as e:
+        raise ValueError(f"{path}: not a reward-model checkpoint written by `megatron-seed train-rm --save` "
+                         f"({type(e).__name__}: {str(e)[:200]})") from None
+    model.eval()
+    return model

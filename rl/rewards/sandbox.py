@@ -15,9 +15,13 @@ Isolation, strongest available (reported once at start and in :attr:`Sandbox.iso
     is logged.
 
 In both modes: a scrubbed environment, ``python -I -S`` (no user site, no env vars, no
-site-packages: standard library only), and the limits of :class:`SandboxLimits` set with
-``prlimit`` (CPU seconds, address space, file size, processes, open files), a wall-clock
-deadline after which the whole process group is killed, and a cap on captured output.
+site-packages: standard library only), the limits of :class:`SandboxLimits` set with
+``prlimit`` (address space, file size, processes, open files; the harness's own CPU
+budget), a wall-clock backstop after which the whole process group is killed, and a
+cap on captured output. Programs run under :mod:`rl.rewards.sandbox_harness`, which
+forks one child per case with that case's CPU limit and wall clock (so the
+interpreter's start-up never counts against a program) and runs the checker after the
+candidate is gone.
 When we are root the program also runs under its own unprivileged uid (one per pool
 slot, via ``setpriv``): it can write nothing the host owns, cannot signal host
 processes, and the process limit really applies (root is exempt from RLIMIT_NPROC);
@@ -46,6 +50,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
+from rl.rewards.sandbox_harness import WALL_EXTENSIONS
+
 logger = logging.getLogger(__name__)
 
 _HARNESS_SOURCE = (Path(__file__).parent / "sandbox_harness.py").read_text()
@@ -58,8 +64,8 @@ _MB = 1024 * 1024
 class SandboxLimits:
     """Per-run resource limits."""
 
-    cpu_s: int = 2  # RLIMIT_CPU (SIGXCPU at the limit, SIGKILL one second later)
-    wall_s: float = 5.0  # wall clock, then the process group is killed
+    cpu_s: int = 2  # RLIMIT_CPU of each case, counted from the fork (SIGXCPU at the limit, SIGKILL one second later)
+    wall_s: float = 5.0  # wall clock while the program is not runnable (renewed while a busy machine starves it)
     memory_mb: int = 512  # RLIMIT_AS (address space)
     output_bytes: int = 1 * _MB  # stdout + stderr captured; beyond that the run is killed
     file_size_mb: int = 16  # RLIMIT_FSIZE, and the size of the /sandbox tmpfs
@@ -72,13 +78,28 @@ class SandboxLimits:
                 raise ValueError(f"SandboxLimits.{name} must be > 0, got {getattr(self, name)!r}")
 
 
+@dataclass(frozen=True)
+class Case:
+    """One test case of a program: ``stdin`` to feed; ``test`` code for a call case (see the harness);
+    ``expected`` output for the checker of a stdin/stdout case."""
+
+    stdin: str = ""
+    test: Optional[str] = None
+    expected: Optional[str] = None
+
+
 @dataclass
 class RunResult:
-    """Outcome of one sandboxed run.
+    """Outcome of one sandboxed case.
 
-    ``status``: ``ok`` (exit 0), ``runtime_error`` (non-zero exit or killed by a signal,
-    CPU and memory limits included), ``timeout`` (wall clock), ``output_limit`` or
-    ``sandbox_error`` (the sandbox itself failed; never a pass).
+    ``status``: ``ok`` (a stdin/stdout run that exited 0; a call case whose test ran to
+    completion), ``test_failed`` (a call case's assertion was false), ``runtime_error``
+    (non-zero exit, an exception, or killed by a signal: CPU and memory limits included),
+    ``timeout`` (wall clock while not runnable), ``output_limit``, ``hack_suspect`` (a
+    call case that ended without the driver's completion record: exit tricks, hooks,
+    non-plain comparisons, blocked introspection) or ``sandbox_error`` (the sandbox
+    itself failed; never a pass). ``checker``: the checker's verdict on this case's
+    output (``accept`` / ``reject`` / ``error: ...``), when one ran.
     """
 
     status: str
@@ -87,6 +108,8 @@ class RunResult:
     stderr: str
     wall_s: float
     detail: str = ""
+    cpu_s: float = 0.0
+    checker: Optional[str] = None
 
     @property
     def ok(self) -> bool:
@@ -205,10 +228,11 @@ class Sandbox:
         return None
 
     def _command(self, isolation: str, work: str, files: Sequence[str], uid: Optional[int],
-                 bwrap: Optional[str] = None, script: str = "main.py") -> list[str]:
-        """argv: [bwrap ...] [setpriv ...] prlimit ... python -I -S <script>."""
+                 bwrap: Optional[str] = None, script: str = "main.py", cpu_s: Optional[int] = None) -> list[str]:
+        """argv: [bwrap ...] [setpriv ...] prlimit ... python -I -S <script> (``cpu_s`` default: the limits')."""
         lim = self.limits
-        inner = [self._prlimit, f"--cpu={lim.cpu_s}:{lim.cpu_s + 1}", f"--as={lim.memory_mb * _MB}",
+        cpu_s = cpu_s or lim.cpu_s
+        inner = [self._prlimit, f"--cpu={cpu_s}:{cpu_s + 1}", f"--as={lim.memory_mb * _MB}",
                  f"--fsize={lim.file_size_mb * _MB}", f"--nofile={lim.open_files}", "--core=0"]
         if uid is not None:
             inner.append(f"--nproc={lim.max_processes}")
@@ -245,46 +269,53 @@ class Sandbox:
 
     # ------------------------------------------------------------------ running
 
-    def run(self, source: str, stdin: str = "", files: Optional[dict] = None) -> RunResult:
-        """Run ``source`` as ``main.py`` with ``stdin``; ``files`` (name -> text) sit beside it, read-only."""
-        files = dict(files or {})
-        for name in files:
-            if "/" in name or name in ("", ".", "..", "main.py", "harness.py", "cases.json", ".stdin"):
-                raise ValueError(f"Sandbox.run: bad file name {name!r}; use a plain name other than main.py")
-        return self._in_sandbox({"main.py": source, **files}, "main.py", stdin, self.limits.wall_s,
-                                self.limits.output_bytes)
+    def run(self, source: str, stdin: str = "") -> RunResult:
+        """Run ``source`` as ``main.py`` on ``stdin`` (one stdin/stdout case of :meth:`run_cases`)."""
+        return self.run_cases(source, [Case(stdin)])[0]
 
-    def run_cases(self, source: str, cases: Sequence[tuple]) -> list[RunResult]:
-        """Run one program on many ``(stdin, suffix)`` cases inside a single sandbox.
+    def run_cases(self, source: str, cases: Sequence[Case], checker: Optional[str] = None) -> list[RunResult]:
+        """Run one program on many cases inside a single sandbox, then ``checker`` on their outputs.
 
-        ``suffix`` is code appended to the program for that case (function-call asserts).
-        A forked child per case (see :mod:`rl.rewards.sandbox_harness`) gets the same
-        per-run limits as :meth:`run`; the sandbox as a whole gets ``wall_s`` per case.
-        If the harness itself fails, every case without a result is a ``sandbox_error``.
+        A forked child per case (see :mod:`rl.rewards.sandbox_harness`) gets the per-run
+        limits; the checker sees each stdin/stdout case's output only after every
+        candidate process has ended. If the harness itself fails, every case without a
+        result is a ``sandbox_error``.
         """
         if not cases:
             return []
         lim = self.limits
-        spec = {"source": source, "cases": [{"stdin": stdin, "suffix": suffix} for stdin, suffix in cases],
-                "cpu_s": lim.cpu_s, "wall_s": lim.wall_s, "output_bytes": lim.output_bytes}
-        files = {"harness.py": _HARNESS_SOURCE, "cases.json": json.dumps(spec)}
-        # JSON escaping can grow output up to 6x; the harness caps each case at output_bytes.
-        run = self._in_sandbox(files, "harness.py", "", lim.wall_s * len(cases) + 5.0,
-                               6 * lim.output_bytes * len(cases) + 65536)
-        results = []
+        phase1 = {"source": source, "cases": [{"stdin": c.stdin, "test": c.test} for c in cases],
+                  "cpu_s": lim.cpu_s, "wall_s": lim.wall_s, "output_bytes": lim.output_bytes}
+        phase2 = {"checker": checker, "expected": [c.expected for c in cases]} if checker is not None else {}
+        part1, part2 = json.dumps(phase1).encode(), json.dumps(phase2).encode()
+        stdin = f"{len(part1)} {len(part2)}\n".encode() + part1 + part2
+        runs = len(cases) * (2 if checker is not None else 1)
+        # A backstop only: each case has its own CPU and (extensible) wall limits inside. JSON escaping can grow
+        # output up to 6x; the harness caps each case at output_bytes.
+        run = self._in_sandbox({"harness.py": _HARNESS_SOURCE}, "harness.py", stdin,
+                               lim.wall_s * WALL_EXTENSIONS * runs + 60.0, 6 * lim.output_bytes * len(cases) + 65536,
+                               harness_cpu_s=30 + runs)
+        results: list = [None] * len(cases)
         for line in run.stdout.splitlines():
             try:
                 record = json.loads(line)
-                results.append(RunResult(record["status"], record["returncode"], record["stdout"], record["stderr"],
-                                         record["wall_s"], record["detail"]))
-            except (ValueError, KeyError, TypeError):
+                if "case" in record:
+                    results[record["case"]] = RunResult(record["status"], record["returncode"], record["stdout"],
+                                                        record["stderr"], record["wall_s"], record["detail"],
+                                                        record["cpu_s"])
+                else:
+                    results[record["check"]].checker = record["verdict"]
+            except (ValueError, KeyError, TypeError, IndexError, AttributeError):
                 break
         failure = f"harness {run.describe()}" if not run.ok else "harness ended early"
-        while len(results) < len(cases):
-            results.append(RunResult("sandbox_error", None, "", run.stderr[-2000:], run.wall_s, failure))
-        return results[:len(cases)]
+        for i, r in enumerate(results):
+            if r is None or (checker is not None and r.ok and cases[i].test is None and cases[i].expected is not None
+                             and r.checker is None):
+                results[i] = RunResult("sandbox_error", None, "", run.stderr[-2000:], run.wall_s, failure)
+        return results
 
-    def _in_sandbox(self, files: dict, script: str, stdin: str, wall_s: float, output_bytes: int) -> RunResult:
+    def _in_sandbox(self, files: dict, script: str, stdin: bytes, wall_s: float, output_bytes: int,
+                    harness_cpu_s: int) -> RunResult:
         uid = self._slots.get()
         work = tempfile.mkdtemp(prefix="sandbox-")
         try:
@@ -293,18 +324,19 @@ class Sandbox:
                 with open(os.path.join(work, name), "w", encoding="utf-8") as f:
                     f.write(text)
                 os.chmod(os.path.join(work, name), 0o644)
-            stdin_path = os.path.join(work, ".stdin")
-            with open(stdin_path, "w", encoding="utf-8") as f:
+            stdin_path = os.path.join(work, ".stdin")  # not bound into the sandbox: only the harness reads it
+            with open(stdin_path, "wb") as f:
                 f.write(stdin)
+            os.chmod(stdin_path, 0o600)
             run_uid = uid if self.drops_uid else None
-            argv = self._command(self.isolation, work, list(files), run_uid, script=script)
+            argv = self._command(self.isolation, work, list(files), run_uid, script=script, cpu_s=harness_cpu_s)
             return self._execute(argv, work, stdin_path, run_uid, wall_s, output_bytes)
         finally:
             shutil.rmtree(work, ignore_errors=True)
             self._slots.put(uid)
 
     def run_many(self, jobs: Sequence[tuple]) -> list[RunResult]:
-        """Run ``(source, stdin[, files])`` jobs on the pool; results in input order."""
+        """Run ``(source, stdin)`` jobs on the pool, one sandbox each; results in input order."""
         with ThreadPoolExecutor(self.workers) as pool:
             return list(pool.map(lambda job: self.run(*job), jobs))
 
