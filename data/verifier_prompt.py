@@ -68,10 +68,12 @@ def build_verifier_prompt(question: str, reference: str, answer: str, key: str, 
 def parse_verdict(reply: str, key: str) -> Optional[bool]:
     """True (YES) / False (NO) from the last ``VERDICT <key>: YES|NO`` line of ``reply``; None when there is none.
 
-    Markdown emphasis around the verdict word is tolerated; a verdict line with any other
-    key, or a bare YES / CORRECT, is not a verdict.
+    The verdict word ends its line (markdown emphasis and a period tolerated), so
+    ``YES or NO`` is no verdict; a verdict line with any other key, or a bare YES /
+    CORRECT, is not one either.
     """
-    pattern = re.compile(rf"VERDICT\s+{re.escape(key)}\s*[:：]\s*[*_`\"'\[(]*\s*(YES|NO)\b", re.IGNORECASE)
+    pattern = re.compile(rf"VERDICT[ \t]+{re.escape(key)}[ \t]*[:：][ \t]*[*_`\"'\[(]*(YES|NO)[*_`\"'\])\.!]*[ \t]*$",
+                         re.IGNORECASE | re.MULTILINE)
     last = None
     for last in pattern.finditer(reply):
         pass

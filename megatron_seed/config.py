@@ -184,7 +184,9 @@ class RewardsConfig:
     workers: int = 4  # samples the router scores at once
     math_timeout_s: float = 5.0  # CPU seconds one math check may use (worker start-up not counted)
     math_workers: int = 2  # math verification processes
-    code_mode: str = "fraction"  # fraction (share of tests passed) | all (1 only if every test passes)
+    # all: 1 only if every test passes (Seed / DAPO); fraction: the share passed, which pays a constant program
+    # on tasks with few distinct outputs (a YES/NO task: half the tests)
+    code_mode: str = "all"
     code_workers: int = 2  # sandboxes running at once
     sandbox_cpu_s: int = 2  # CPU seconds per test case (interpreter start-up not counted)
     sandbox_wall_s: float = 5.0  # wall clock per test case while the program is not runnable (sleeping, blocked)

@@ -13,10 +13,11 @@ holds each pair as two consecutive rows (chosen, rejected), normalised by the pa
 the global batch.
 
 Scoring for non-verifiable prompts (:class:`PairwiseRMScorer`): a response is compared
-with every other response of its group (``ScoringSample.group``), or with the
-reference response when there is no group; its reward is the win rate
-``mean_j sigmoid(r_i - r_j)`` (the Bradley-Terry probability of winning each duel).
-Scoring runs in one process (the model of a one-stage trainer, or one built here).
+with every other non-empty response of its group (``ScoringSample.group``; the router
+fills it with the batch's responses to the same prompt), or with the reference response
+when there is no group; its reward is the win rate ``mean_j sigmoid(r_i - r_j)`` (the
+Bradley-Terry probability of winning each duel). An empty response scores 0 without a
+forward. Scoring runs in one process (the model of a one-stage trainer, or one built here).
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ from typing import Callable, Optional, Protocol, Sequence
 import torch
 import torch.nn.functional as F
 
-from megatron_seed.config import Config, ConfigError, ModelConfig
+from megatron_seed.config import Config, ConfigError, ModelConfig, config_from_dict
 from megatron_seed.model.gpt import GPTModel
 from megatron_seed.parallel.state import ParallelState
 from megatron_seed.train.trainer import LossSpec, Trainer
@@ -256,8 +257,10 @@ class PairwiseRMScorer(BaseScorer):
             return [self._cache[(prompt, r)] for r in responses]
 
     def score(self, sample: ScoringSample) -> RewardResult:
+        if not sample.response.strip():
+            return RewardResult.failed("no_answer", "empty response")
         prompt = sample.prompt or sample.question
-        others = [r for r in (sample.group or []) if r != sample.response]
+        others = [r for r in (sample.group or []) if r != sample.response and r.strip()]
         if not others and sample.reference is not None:
             others = [str(sample.reference)]
         if not others:
@@ -272,8 +275,6 @@ def load_reward_model(path: str, encoder: Encoder) -> RewardModel:
     """The :class:`RewardModel` written by :func:`save_reward_model`; a bad file fails naming it."""
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
-        from megatron_seed.config import config_from_dict
-
         cfg = config_from_dict({"model": payload["model_config"]}).model
         model = RewardModel(cfg, encoder)
         model.gpt.load_state_dict(payload["state_dict"])
