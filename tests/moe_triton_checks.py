@@ -15,10 +15,11 @@ import torch  # noqa: E402
 
 from moe.kernels import reference as ref  # noqa: E402
 from moe.kernels import triton_ops as tri  # noqa: E402
+from tests.numerics import assert_close_rel  # noqa: E402
 
 
 def close(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
-    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=lambda m: f"{what}: {m}")
+    assert_close_rel(a, b, 1e-5, what)
 
 
 def check_routing() -> None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 from functools import lru_cache
 
-import numpy as np
 import pytest
 import torch
 
@@ -21,6 +20,7 @@ from megatron_seed.parallel.sharding import gather_full
 from megatron_seed.parallel.state import ParallelState
 from megatron_seed.train.trainer import Trainer, lm_batch
 from tests.model_utils import tiny_config, tiny_model
+from tests.numerics import rel_err
 
 STEPS = 2
 GLOBAL_BATCH = 4
@@ -68,10 +68,6 @@ def train_worker(rank: int, world: int, parallel: dict) -> dict:
 def reference_run() -> dict:
     """The single-process run every layout must reproduce."""
     return train({}, ParallelState.single())
-
-
-def rel_err(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
 def assert_matches_reference(results: list) -> None:

@@ -6,6 +6,7 @@ from megatron_seed.model.gpt import GPTModel
 from megatron_seed.model.layers import apply_rotary, rms_norm, rotary_cos_sin
 from megatron_seed.parallel.state import ParallelState
 from tests.model_utils import tiny_model
+from tests.numerics import assert_close_rel
 
 
 def build(**changes) -> GPTModel:
@@ -26,7 +27,7 @@ def test_future_tokens_never_change_earlier_logits():
     changed = ids.clone()
     changed[:, 7:] = torch.randint(0, 64, (2, 5))
     a, b = model(ids), model(changed)
-    torch.testing.assert_close(a[:, :7], b[:, :7], rtol=0, atol=1e-6)
+    assert_close_rel(a[:, :7], b[:, :7], 1e-5)
     assert not torch.allclose(a[:, 7:], b[:, 7:])
 
 
@@ -51,7 +52,7 @@ def test_kv_cache_decoding_equals_full_forward():
     steps = [model(ids[:, :6], kv_cache=cache)]
     for t in range(6, 10):
         steps.append(model(ids[:, t:t + 1], kv_cache=cache))
-    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-5)
+    assert_close_rel(torch.cat(steps, dim=1), full, 1e-5)
 
 
 def test_left_padding_is_invisible():
@@ -61,7 +62,7 @@ def test_left_padding_is_invisible():
     mask = torch.tensor([[False] * 3 + [True] * 6])
     pos = torch.clamp(torch.arange(9) - 3, min=0).unsqueeze(0)
     out = model(padded, position_ids_BS=pos, padding_mask_BS=mask)
-    torch.testing.assert_close(out[:, 3:], model(ids), rtol=1e-5, atol=1e-5)
+    assert_close_rel(out[:, 3:], model(ids), 1e-5)
 
 
 def test_packed_documents_do_not_attend_across():
@@ -71,8 +72,8 @@ def test_packed_documents_do_not_attend_across():
     doc = torch.tensor([[0] * 5 + [1] * 7])
     pos = torch.cat([torch.arange(5), torch.arange(7)]).unsqueeze(0)
     out = model(packed, position_ids_BS=pos, doc_ids_BS=doc)
-    torch.testing.assert_close(out[:, :5], model(a), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(out[:, 5:], model(b), rtol=1e-5, atol=1e-5)
+    assert_close_rel(out[:, :5], model(a), 1e-5)
+    assert_close_rel(out[:, 5:], model(b), 1e-5)
 
 
 def test_cache_continued_by_multi_token_chunks_equals_full_forward():
@@ -80,7 +81,7 @@ def test_cache_continued_by_multi_token_chunks_equals_full_forward():
     ids = torch.randint(0, 64, (2, 10))
     cache = model.allocate_kv_cache(batch=2, capacity=12)
     steps = [model(ids[:, :4], kv_cache=cache), model(ids[:, 4:7], kv_cache=cache), model(ids[:, 7:8], kv_cache=cache), model(ids[:, 8:], kv_cache=cache)]
-    torch.testing.assert_close(torch.cat(steps, dim=1), model(ids), rtol=1e-5, atol=1e-5)
+    assert_close_rel(torch.cat(steps, dim=1), model(ids), 1e-5)
 
 
 @torch.no_grad()
@@ -96,7 +97,7 @@ def test_decode_attention_equals_sdpa_on_a_padded_cache():
         step = [model(prompt[:, t:t + 1], kv_cache=cache, padding_mask_BS=torch.ones(2, 1, dtype=torch.bool) if pad_decode else None)
                 for t in range(3)]
         outs.append(torch.cat(step, dim=1))
-    torch.testing.assert_close(outs[0], outs[1], rtol=1e-6, atol=1e-6)
+    assert_close_rel(outs[0], outs[1], 1e-5)
 
 
 def test_fused_projections_match_and_are_dropped_after():
@@ -110,7 +111,7 @@ def test_fused_projections_match_and_are_dropped_after():
             assert attn.qkv_weight is not None
             with torch.enable_grad():  # a forward recording gradients ignores the copies
                 model(ids).sum().backward()
-    torch.testing.assert_close(fused, ref, rtol=1e-6, atol=1e-6)
+    assert_close_rel(fused, ref, 1e-5)
     assert attn.qkv_weight is None and attn.qk_norm_weight is None
     assert attn.q_proj.weight.grad is not None and attn.k_proj.weight.grad is not None
 
