@@ -110,6 +110,7 @@ class TrainConfig:
     dtype: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | float32 | bfloat16
     log_interval: int = 10
     save_interval: int = 0  # 0 = only at the end
+    async_save: bool = False  # interval checkpoints written by a background thread while training goes on
     save_dir: str = "runs/default"
     load_dir: Optional[str] = None
     progress: bool = True

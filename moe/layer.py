@@ -7,8 +7,8 @@ shard ``S / tp``.
 
 Parameter names (HF Qwen3-MoE names in brackets, see :mod:`moe.experts`):
 
-* ``router.weight [E, H]`` (``mlp.gate.weight``); buffer ``router.expert_bias [E]`` when
-  aux-loss-free balancing is on;
+* ``router.weight [E, H]`` (``mlp.gate.weight``); buffer ``router.expert_bias [E]`` with sigmoid routing or
+  when aux-loss-free balancing is on (GLM-4.5-MoE: ``mlp.gate.e_score_correction_bias``);
 * ``experts.w_gate_up [E, 2, F, H]`` (``mlp.experts.{e}.gate_proj`` / ``up_proj``);
 * ``experts.w_down [E, H, F]`` (``mlp.experts.{e}.down_proj``);
 * ``shared_experts.{gate,up,down}_proj.weight`` when ``num_shared_experts > 0``.

@@ -109,8 +109,12 @@ class Router(nn.Module):
         # replicated over tp, but each tp rank routes other tokens when tp > 1: grads all-reduced over tp
         set_sharding(self.weight, (cfg.num_experts, hidden_size), partial_tp_grad=ps.tp_size > 1)
         self.balance_bias = cfg.bias_update_rate > 0
-        if self.balance_bias:
+        # sigmoid routing always carries the bias (DeepSeek-V3 / GLM-4.5's e_score_correction_bias), so a
+        # converted model keeps it even when this run does not update it
+        self.has_bias = self.balance_bias or cfg.score_function == "sigmoid"
+        if self.has_bias:
             self.register_buffer("expert_bias", torch.zeros(cfg.num_experts, dtype=torch.float32))
+        if self.balance_bias:
             self.register_buffer("expert_load", torch.zeros(cfg.num_experts, dtype=torch.float32), persistent=False)
 
     def forward(self, x_BSH: torch.Tensor, aux_loss_scale: float = 1.0, valid_BS: Optional[torch.Tensor] = None) -> Routing:
@@ -119,7 +123,7 @@ class Router(nn.Module):
         cfg = self.cfg
         logits_TE = F.linear(x_BSH.reshape(-1, H).to(self.dtype), self.weight.to(self.dtype))
         kernels = ops(resolve_backend(cfg.kernel_backend, logits_TE.device))
-        bias = self.expert_bias if self.balance_bias else None
+        bias = self.expert_bias if self.has_bias else None
         weights_TA, experts_TA, scores_TE = kernels.topk_routing(
             logits_TE, self.top_k, cfg.score_function, cfg.norm_topk_prob, bias, cfg.num_groups, cfg.top_groups
         )

@@ -63,10 +63,9 @@ def test_rl_generates_on_the_server_and_syncs_weights_after_every_step(tmp_path)
     # a sync before the first rollout, then one rollout and one sync per PPO step
     assert kinds == ["update_weights_from_disk"] + ["completions", "update_weights_from_disk"] * STEPS
     assert all(p["n"] == 2 and p["max_tokens"] == 8 for url, p in fake.requests if url.endswith("completions"))
-    _, state = checkpoint.load_checkpoint(str(tmp_path / "run" / "actor"), rank=0)
-    served = fake.model.state_dict()
-    for name, tensor in state["model"][0].items():  # the server now holds the trained policy
-        torch.testing.assert_close(served[name], tensor, rtol=0, atol=0, msg=name)
+    saved = checkpoint.open_checkpoint(str(tmp_path / "run" / "actor"))
+    for name, tensor in fake.model.state_dict().items():  # the server now holds the trained policy
+        torch.testing.assert_close(tensor, saved.read_full(f"model/{name}"), rtol=0, atol=0, msg=name)
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == STEPS and "actor/pg_loss" in json.loads(lines[-1])
 

@@ -64,7 +64,7 @@ def test_corrupt_checkpoint_is_named(tmp_path):
     trainer = Trainer(tiny_config(steps=1, save_dir=str(tmp_path)), ParallelState.single())
     trainer.fit(batches(3))
     path = trainer.save()
-    with open(os.path.join(path, "rank_00000.pt"), "r+b") as f:
+    with open(os.path.join(path, "rank_00000_000.safetensors"), "r+b") as f:
         f.truncate(100)
-    with pytest.raises(CheckpointError, match="rank_00000.pt: corrupt"):
+    with pytest.raises(CheckpointError, match="rank_00000_000.safetensors: .*truncated"):
         trainer.load(str(tmp_path))

@@ -49,12 +49,10 @@ def run(args: argparse.Namespace) -> int:
     return rl_main(cfg, args.prompts or cfg.data.prompts, args.num_tasks, args.resume)
 
 
-def _load_weights(chunks: list, load_dir: str, rank: int, layout: dict) -> None:
+def _load_weights(chunks: list, load_dir: str, ps) -> None:
     from megatron_seed.train import checkpoint
 
-    _, state = checkpoint.load_checkpoint(load_dir, rank, layout)
-    for model, weights in zip(chunks, state["model"]):
-        model.load_state_dict(weights)
+    checkpoint.load_model_weights(chunks, ps, load_dir)
 
 
 def _gather_domain_rewards(records: list, rewards: list, correct: list, n: int, ps) -> tuple:
@@ -136,7 +134,7 @@ def rl_main(cfg, prompts_path, num_tasks: int, resume: bool) -> int:
         start = state["rl_step"]
     else:
         if cfg.train.load_dir:
-            _load_weights(actor.chunks, cfg.train.load_dir, rank, actor.layout_record())
+            _load_weights(actor.chunks, cfg.train.load_dir, actor.ps)
             actor.optimizer.sync_master_from_params()
         init_critic_from_actor(critic, actor)
         start = 0
@@ -144,7 +142,7 @@ def rl_main(cfg, prompts_path, num_tasks: int, resume: bool) -> int:
     if r.kl_coef > 0:  # the frozen starting policy
         reference = build_model_chunks(cfg.model, cfg.parallel, ps, cfg.train.seed)
         if cfg.train.load_dir:
-            _load_weights(reference, cfg.train.load_dir, rank, actor.layout_record())
+            _load_weights(reference, cfg.train.load_dir, actor.ps)
 
     external = cfg.rollout.engine == "external"
     if external:

@@ -39,7 +39,7 @@ from typing import Callable, Iterator, Optional
 import torch
 import torch.distributed as dist
 
-from megatron_seed.config import Config, ConfigError, save_config
+from megatron_seed.config import Config, ConfigError
 from megatron_seed.model.build import build_model_chunks
 from megatron_seed.parallel.mappings import all_reduce_no_grad
 from megatron_seed.parallel.pipeline import forward_backward
@@ -250,33 +250,52 @@ class Trainer:
         l = self.ps.layout
         return {"world": l.world, "tp": l.tp, "pp": l.pp, "dp": l.dp, "ep": l.ep, "etp": l.etp, "cp": l.cp, "virtual_pp": self.cfg.parallel.virtual_pp}
 
-    def save(self, extra: Optional[dict] = None) -> str:
-        state = {
-            "model": [m.state_dict() for m in self.chunks],
-            "optimizer": self.optimizer.state_dict(),
-            "step": self.step,
-            "consumed_samples": self.consumed_samples,
-            "rng": torch.get_rng_state(),
-            **(extra or {}),
-        }
-        meta = {"layout": self.layout_record(), "config": self.cfg.to_dict()}
-        path = checkpoint.save_checkpoint(self.cfg.train.save_dir, self.step, state, self.ps.rank, meta)
-        if self.ps.rank == 0:
-            save_config(self.cfg, f"{path}/config.yaml")
-        return path
+    def checkpoint_pieces(self) -> list:
+        """What a checkpoint holds of this rank: model and optimizer slices of global tensors, RNG states."""
+        return (checkpoint.model_pieces(self.chunks, self.ps) + checkpoint.optimizer_pieces(self.optimizer, self.chunks, self.ps)
+                + checkpoint.rng_pieces(self.ps.rank))
+
+    def save(self, extra: Optional[dict] = None, async_save: bool = False) -> str:
+        """Collective: checkpoint the step, weights, optimizer, RNG and data position (plus ``extra``,
+        this rank's JSON/tensor state such as an RL sampler's) into ``train.save_dir``; returns its path.
+
+        ``async_save``: the tensors are copied and written in the background; the checkpoint is
+        published (``latest`` moved) by the next :meth:`save` or :meth:`finish_save`.
+        """
+        self.finish_save()
+        state = {"trainer": {"step": self.step, "consumed_samples": self.consumed_samples},
+                 "optimizer": {"step": self.optimizer.step_count},
+                 "meta": {"layout": self.layout_record(), "config": self.cfg.to_dict()}}
+        pending = checkpoint.save_checkpoint(self.cfg.train.save_dir, self.step, self.checkpoint_pieces(), state, extra, async_save)
+        if async_save:
+            self._pending_save = pending
+            return pending.path
+        return pending.finish()
+
+    def finish_save(self) -> None:
+        """Collective: publish an asynchronous save still in flight (no-op without one)."""
+        pending, self._pending_save = getattr(self, "_pending_save", None), None
+        if pending is not None:
+            pending.finish()
 
     def load(self, load_dir: str) -> dict:
-        _, state = checkpoint.load_checkpoint(load_dir, self.ps.rank, self.layout_record())
-        for m, s in zip(self.chunks, state["model"]):
-            m.load_state_dict(s)
-        if "optimizer" in state:
-            self.optimizer.load_state_dict(state["optimizer"])
-        else:  # weights only (e.g. converted from Hugging Face): a fresh optimizer
+        """Load the latest checkpoint of ``load_dir``, saved under this or any other layout.
+
+        Weights, optimizer state (a fresh optimizer when the checkpoint holds weights only, e.g.
+        one converted from Hugging Face), step and data position; RNG states when this rank saved
+        some. Returns ``{"step", "consumed_samples", **extra}`` with the ``extra`` this rank saved.
+        """
+        ckpt = checkpoint.open_checkpoint(load_dir)
+        ckpt.read(checkpoint.model_pieces(self.chunks, self.ps))
+        if ckpt.has("optim/"):
+            ckpt.read(checkpoint.optimizer_pieces(self.optimizer, self.chunks, self.ps))
+            self.optimizer.step_count = ckpt.manifest["optimizer"]["step"]
+        else:
             self.optimizer.sync_master_from_params()
-        self.step, self.consumed_samples = state["step"], state["consumed_samples"]
-        if "rng" in state:
-            torch.set_rng_state(state["rng"])
-        return state
+        trainer_state = ckpt.manifest.get("trainer", {"step": ckpt.step, "consumed_samples": 0})
+        self.step, self.consumed_samples = trainer_state["step"], trainer_state["consumed_samples"]
+        checkpoint.restore_rng(ckpt, self.ps.rank)
+        return {**trainer_state, **ckpt.extra(self.ps.rank)}
 
     # ------------------------------------------------------------------ loop
     def fit(self, batches: Iterator, logger: Optional[MetricsLogger] = None, progress: bool = True) -> dict:
@@ -313,7 +332,8 @@ class Trainer:
                         logger.log(self.step, last, write=bar.write)
                     window_start, window_tokens = time.perf_counter(), 0.0
                 if t.save_interval and self.step % t.save_interval == 0:
-                    self.save()
+                    self.save(async_save=t.async_save)
+            self.finish_save()
         finally:
             bar.close()
         return last
