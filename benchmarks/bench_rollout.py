@@ -46,10 +46,10 @@ MODEL = ModelConfig(
 
 
 def model_config(name: str) -> ModelConfig:
-    """``bench`` (:data:`MODEL`) or ``tiny`` (the preset, shared expert removed: Qwen3-MoE has none)."""
+    """``bench`` (:data:`MODEL`) or ``tiny`` (the preset as Qwen3-MoE: shared expert removed, softmax routing)."""
     if name == "bench":
         return MODEL
-    return load_config("tiny", overrides=["model.moe.num_shared_experts=0"]).model
+    return load_config("tiny", overrides=["model.moe.num_shared_experts=0", "model.moe.score_function=softmax"]).model
 
 
 def build_models(cfg: ModelConfig, seed: int) -> tuple:

@@ -43,7 +43,7 @@ def serve(handler_fn) -> ThreadingHTTPServer:
 def external_config(tmp_path, url: str, *extra: str):
     return load_config("tiny", None, QUICK_RUN + [
         f"rl.steps={STEPS}", "rl.value_pretrain_steps=0", "rl.prompts_per_step=2", "rollout.samples_per_prompt=2",
-        "rollout.max_new_tokens=8", "model.moe.num_shared_experts=0", "rollout.engine=external",
+        "rollout.max_new_tokens=8", "rollout.engine=external",
         f"rollout.external_url={url}", f"rollout.external_weights_dir={tmp_path / 'weights'}", f"train.save_dir={tmp_path / 'run'}",
         *extra,
     ])

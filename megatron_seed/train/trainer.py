@@ -139,6 +139,7 @@ class Trainer:
         self.chunks = chunks if chunks is not None else build_model_chunks(cfg.model, cfg.parallel, ps, cfg.train.seed)
         self.optimizer = build_optimizer(self.chunks, cfg.train, ps, cfg.parallel.zero1, cfg.parallel.overlap_grad_reduce)
         self.step = 0
+        self._pending_save: Optional[checkpoint.PendingSave] = None  # an asynchronous save not yet published
         self.consumed_samples = 0
         per_step = cfg.train.micro_batch_size * ps.dp_size
         if cfg.train.global_batch_size % per_step:
@@ -274,7 +275,7 @@ class Trainer:
 
     def finish_save(self) -> None:
         """Collective: publish an asynchronous save still in flight (no-op without one)."""
-        pending, self._pending_save = getattr(self, "_pending_save", None), None
+        pending, self._pending_save = self._pending_save, None
         if pending is not None:
             pending.finish()
 
