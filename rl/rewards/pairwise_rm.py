@@ -33,7 +33,7 @@ from typing import Callable, Optional, Protocol, Sequence
 import torch
 import torch.nn.functional as F
 
-from megatron_seed.config import Config, ConfigError, ModelConfig, config_from_dict
+from megatron_seed.config import Config, ConfigError, ModelConfig, config_from_dict, validate_model
 from megatron_seed.model.gpt import GPTModel
 from megatron_seed.parallel.state import ParallelState
 from megatron_seed.train.trainer import LossSpec, Trainer
@@ -275,10 +275,11 @@ def load_reward_model(path: str, encoder: Encoder) -> RewardModel:
     """The :class:`RewardModel` written by :func:`save_reward_model`; a bad file fails naming it."""
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
-        cfg = config_from_dict({"model": payload["model_config"]}).model
+        cfg = config_from_dict({"model": payload["model_config"]}, validate=False).model
+        validate_model(cfg)
         model = RewardModel(cfg, encoder)
         model.gpt.load_state_dict(payload["state_dict"])
-    except (OSError, KeyError, TypeError, RuntimeError, ValueError) as e:
+    except Exception as e:  # unpickling a foreign file fails in many ways; every one names the file
         raise ValueError(f"{path}: not a reward-model checkpoint written by `megatron-seed train-rm --save` "
                          f"({type(e).__name__}: {str(e)[:200]})") from None
     model.eval()
