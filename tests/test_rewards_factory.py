@@ -113,3 +113,26 @@ def test_mixed_batch_with_verify_tasks_gives_reason_counts_and_masks():
     assert counts["scoring_error"] == 1 and counts["masked"] == 1
     assert loss_mask(results) == [True] * 20 + [False]
     assert "MathVerifier: sample has no 'reference'" in results[-1].reason
+
+
+@pytest.mark.timeout(240)
+def test_our_rollout_engine_as_the_judge():
+    """The policy verifying itself: the engine's generate_text is the judge. An untrained policy writes no keyed
+    verdict, so its judgements are masked, never scored as wrong answers."""
+    from data.tokenizer import load_tokenizer
+    from megatron_seed.config import RolloutConfig
+    from megatron_seed.parallel.state import ParallelState
+    from rl.rollout.engine import RolloutEngine
+    from tests.rollout_utils import single_model
+
+    tok = load_tokenizer("bundled")
+    engine = RolloutEngine(single_model(vocab_size=tok.vocab_size, max_seq_len=1024), ParallelState.single(),
+                           RolloutConfig(max_new_tokens=8), tokenizer=tok, seed=0)
+    router = build_reward_router(config("rewards.llm_judge=policy"), judge=engine.generate_text)
+    try:
+        samples = [scoring_sample(PromptRecord(f"s{i}", "stem", "What is 6 * 7?", reference_answer="42"), r)
+                   for i, r in enumerate(["The answer is 42.", "The answer is 41."])]
+        results = router.score_batch(samples)
+    finally:
+        router.scorers["math"].close()
+    assert all(r.masked and r.category == "judge_error" and "no verdict line" in r.reason for r in results), results

@@ -6,8 +6,8 @@
   (:class:`VerdictScorer`) and ``code`` (:class:`CodeReward` in the sandbox): always;
 * ``llm`` (:class:`LLMVerifier`) when ``rewards.llm_judge`` is ``url`` (an
   OpenAI-compatible server at ``rewards.judge_url``) or ``policy`` (the caller passes
-  ``judge``: a ``generate(list[str]) -> list[str]`` function, e.g. our own policy
-  through the rollout engine, wrapped in :class:`CallableJudge`);
+  ``judge``: a ``generate(list[str]) -> list[str]`` function, e.g. our own policy's
+  ``RolloutEngine.generate_text``, wrapped in :class:`CallableJudge`);
 * ``pairwise`` (:class:`PairwiseRMScorer`) when ``rewards.reward_model`` names a
   ``megatron-seed train-rm --save`` checkpoint;
 
