@@ -90,6 +90,9 @@ class ParallelConfig:
     zero1: bool = True  # shard fp32 master weights and Adam state over dp
     overlap_grad_reduce: bool = True
     backend: str = "auto"  # auto (nccl on GPU, gloo on CPU) | gloo | nccl
+    # where this rank's tensors live: auto (cuda:LOCAL_RANK under nccl, cpu under gloo, cuda in one process
+    # when a GPU is visible) | cpu | cuda | cuda:N
+    device: str = "auto"
 
 
 @dataclass
@@ -397,6 +400,14 @@ def validate_parallel(p: ParallelConfig, m: ModelConfig) -> None:
     _require(p.dp >= 0, f"parallel.dp={p.dp}: must be >= 0 (0 derives it from the world size)")
     _one_of("parallel.pp_schedule", p.pp_schedule, ("1f1b", "interleaved", "gpipe"))
     _one_of("parallel.backend", p.backend, ("auto", "gloo", "nccl"))
+    _require(
+        p.device in ("auto", "cpu", "cuda") or (p.device.startswith("cuda:") and p.device[5:].isdigit()),
+        f"parallel.device={p.device!r}: must be auto, cpu, cuda or cuda:N",
+    )
+    _require(
+        not (p.backend == "nccl" and p.device == "cpu"),
+        "parallel.device=cpu with parallel.backend=nccl: NCCL reduces CUDA tensors only; fix: parallel.device=auto or parallel.backend=gloo",
+    )
     _require(
         m.num_attention_heads % p.tp == 0,
         f"model.num_attention_heads={m.num_attention_heads} is not divisible by parallel.tp={p.tp}; fix: pick tp dividing the head count",

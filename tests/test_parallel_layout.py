@@ -23,7 +23,7 @@ def test_build_rejects_layout_before_creating_groups(parallel, world, message):
 
 def groups_worker(rank: int, world: int) -> dict:
     ps = ParallelState.build(ParallelConfig(tp=2, pp=2, ep=2), world, rank)
-    return {name: ps.group_ranks[name] for name in ("tp", "dp", "pp", "ep", "edp", "embedding", "model_parallel")}
+    return {name: ps.group_ranks[name] for name in ("tp", "dp", "pp", "ep", "edp", "model_parallel")}
 
 
 @pytest.mark.timeout(120)
@@ -31,7 +31,7 @@ def test_groups_follow_megatron_rank_order():
     """tp fastest, then dp, then pp; experts re-read each stage's tp*dp ranks as ep x edp."""
     by_rank = run_distributed(groups_worker, 8)
     assert by_rank[0] == {
-        "tp": [0, 1], "dp": [0, 2], "pp": [0, 4], "ep": [0, 1], "edp": [0, 2], "embedding": [0, 4], "model_parallel": [0, 1, 4, 5],
+        "tp": [0, 1], "dp": [0, 2], "pp": [0, 4], "ep": [0, 1], "edp": [0, 2], "model_parallel": [0, 1, 4, 5],
     }
     assert by_rank[7]["tp"] == [6, 7] and by_rank[7]["dp"] == [5, 7] and by_rank[7]["pp"] == [3, 7]
     assert by_rank[7]["ep"] == [6, 7] and by_rank[7]["edp"] == [5, 7]

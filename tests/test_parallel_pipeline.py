@@ -72,7 +72,7 @@ def test_forward_only_returns_last_stage_outputs(parallel):
 
 
 def _two_stage_state() -> ParallelState:
-    return ParallelState(Layout(2, 1, 1, 1, 2, 1, 1, 1), rank=0)
+    return ParallelState.unconnected(Layout(2, 1, 1, 1, 2, 1, 1, 1), False, torch.device("cpu"))
 
 
 def test_bad_schedules_are_named():

@@ -172,7 +172,7 @@ def test_explained_variance():
     # the same number from the value-loss metrics of two micro-batches
     norm = compute_normalizer([mask[:1], mask[1:]])
     parts = [value_loss(noisy[rows], returns[rows], returns[rows], mask[rows], norm)[1] for rows in ([0], [1, 2])]
-    assert value_metrics(reduce_sums(sum_shares(parts), None))["explained_variance"] == pytest.approx(want.item(), rel=1e-6)
+    assert value_metrics(reduce_sums(sum_shares(parts), None, torch.device("cpu")))["explained_variance"] == pytest.approx(want.item(), rel=1e-6)
 
 
 def test_k3_kl_nonnegative_and_zero_at_equality():
@@ -242,7 +242,7 @@ def run_step(policy_sd, critic_sd, data, micro_batches, cfg, group):
     policy.load_state_dict(policy_sd)
     critic.load_state_dict(critic_sd)
     units = sum_shares([normalizer_units(data["mask"][rows], data["positive"][rows]) for rows in micro_batches])
-    norm = LossNormalizer.from_totals(reduce_sums(units, group))
+    norm = LossNormalizer.from_totals(reduce_sums(units, group, torch.device("cpu")))
     metrics = []
     for rows in micro_batches:
         loss, m = micro_batch_loss(policy, critic, data, rows, norm, cfg)
@@ -254,7 +254,7 @@ def run_step(policy_sd, critic_sd, data, micro_batches, cfg, group):
 
         for g in grads:
             dist.all_reduce(g, group=group)
-    return grads, value_metrics(reduce_sums(sum_shares(metrics), group))
+    return grads, value_metrics(reduce_sums(sum_shares(metrics), group, torch.device("cpu")))
 
 
 DP_CFG = RLConfig(lm_loss_coef=0.3, kl_coef=0.05, entropy_coef=0.01, dual_clip=3.0, value_clip=0.2)

@@ -18,7 +18,7 @@ same numbers, more traffic, CPU only.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence, Union
 
 import torch
 import torch.distributed as dist
@@ -194,3 +194,28 @@ def all_reduce_no_grad(x: torch.Tensor, group: Group, op: dist.ReduceOp = dist.R
     if group_size(group) > 1:
         dist.all_reduce(x, op=op, group=group)
     return x
+
+
+def reduce_scalars(
+    values: Sequence[Union[float, torch.Tensor]], group: Group, op: dist.ReduceOp = dist.ReduceOp.SUM, *, device: torch.device
+) -> list:
+    """``values`` (numbers or one-element tensors) reduced over ``group`` with ``op``, as floats.
+
+    One float64 packet is built on ``device`` (the rank's ``ParallelState.device``: NCCL only
+    reduces CUDA tensors) and reduced in one collective, so a handful of statistics costs
+    one round trip. With a ``None`` group (one process) the values come back unchanged.
+    """
+    parts = []
+    for i, v in enumerate(values):
+        if torch.is_tensor(v):
+            if v.numel() != 1:
+                raise ValueError(f"reduce_scalars: value {i} has shape {tuple(v.shape)}; each value must be one number")
+            parts.append(v.detach().reshape(1).to(device=device, dtype=torch.float64))
+        else:
+            parts.append(torch.tensor([float(v)], dtype=torch.float64, device=device))
+    if not parts:
+        return []
+    packet = torch.cat(parts)
+    if group_size(group) > 1:
+        dist.all_reduce(packet, op=op, group=group)
+    return packet.tolist()

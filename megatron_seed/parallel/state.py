@@ -11,6 +11,10 @@ edp; dense weights are sharded over tp (and pp) and replicated over dp * cp.
 
 A single process needs no ``torch.distributed``: every group is then ``None`` and
 every collective in :mod:`megatron_seed.parallel.mappings` is the identity.
+
+Every tensor of a rank lives on ``ParallelState.device`` (``parallel.device``): under
+NCCL ``cuda:LOCAL_RANK``, under gloo ``cpu``, in one process ``cuda`` when a GPU is
+visible; the memory-free dry run (:mod:`megatron_seed.plan.dry_run`) uses ``meta``.
 """
 from __future__ import annotations
 
@@ -106,14 +110,43 @@ class Layout:
         return [self.etp, self.ep, self.edp, self.pp]
 
 
+def resolve_device(setting: str, backend: Optional[str]) -> torch.device:
+    """The device of a rank: ``parallel.device`` unless ``auto``; ``auto`` is ``cuda:LOCAL_RANK``
+    under NCCL, ``cpu`` under any other backend, and in one process (``backend`` None)
+    ``cuda`` when a GPU is visible, else ``cpu``.
+
+    NCCL reduces CUDA tensors only, so ``nccl`` with a non-CUDA device is refused here,
+    before a first collective would fail on it.
+    """
+    if setting == "auto":
+        if backend == "nccl":
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        if backend is None and torch.cuda.is_available():
+            return torch.device("cuda", 0)
+        return torch.device("cpu")
+    device = torch.device(setting)
+    if backend == "nccl" and device.type != "cuda":
+        raise LayoutError(
+            f"parallel.device={setting!r} under the nccl backend: NCCL reduces CUDA tensors only; "
+            "fix: set parallel.device=auto (cuda:LOCAL_RANK) or parallel.backend=gloo"
+        )
+    return device
+
+
+# Every group a ParallelState holds; asking for another name is a bug (a typo would otherwise
+# turn a reduction into a silent no-op).
+GROUP_NAMES = ("world", "tp", "cp", "dp", "dp_cp", "pp", "model_parallel", "etp", "ep", "edp", "expert_model_parallel")
+
+
 @dataclass
 class ParallelState:
-    """Every process group of a run and this rank's coordinates.
+    """Every process group of a run, this rank's coordinates and its device.
 
-    Groups: ``tp``, ``cp``, ``dp`` (dense data parallel), ``dp_cp`` (gradient
-    reduction when cp > 1), ``pp``, ``model_parallel`` (tp x pp), ``embedding`` (first
-    and last pipeline stage, for tied embeddings), ``ep``, ``etp``, ``edp`` (expert data
-    parallel) and ``expert_model_parallel`` (etp x ep). ``world`` is the default group.
+    Groups: ``world`` (every rank), ``tp``, ``cp``, ``dp`` (dense data parallel),
+    ``dp_cp`` (gradient reduction when cp > 1), ``pp``, ``model_parallel`` (tp x pp),
+    ``ep``, ``etp``, ``edp`` (expert data parallel) and ``expert_model_parallel``
+    (etp x ep). In one process every group is ``None`` and has size 1. A name outside
+    :data:`GROUP_NAMES` raises ``KeyError``.
     """
 
     layout: Layout
@@ -121,13 +154,18 @@ class ParallelState:
     groups: dict = field(default_factory=dict)
     group_ranks: dict = field(default_factory=dict)
     sequence_parallel: bool = False
-    virtual_pp: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def single(cls, sequence_parallel: bool = False) -> "ParallelState":
+    def single(cls, sequence_parallel: bool = False, device: str = "cpu") -> "ParallelState":
         """One process, no torch.distributed needed."""
-        return cls(Layout(1, 1, 1, 1, 1, 1, 1, 1), 0, {}, {}, sequence_parallel)
+        return cls.unconnected(Layout(1, 1, 1, 1, 1, 1, 1, 1), sequence_parallel, torch.device(device))
+
+    @classmethod
+    def unconnected(cls, layout: Layout, sequence_parallel: bool, device: torch.device) -> "ParallelState":
+        """Every group ``None`` (size 1, rank 0): one process, or a layout read without groups."""
+        return cls(layout, 0, {n: None for n in GROUP_NAMES}, {n: [0] for n in GROUP_NAMES}, sequence_parallel, device)
 
     @classmethod
     def build(cls, p: ParallelConfig, world: Optional[int] = None, rank: Optional[int] = None) -> "ParallelState":
@@ -138,8 +176,10 @@ class ParallelState:
         if world is None:
             world = dist.get_world_size() if dist.is_initialized() else 1
         layout = Layout.from_config(p, world)
+        sequence_parallel = p.sequence_parallel and p.tp > 1
         if world == 1 and not dist.is_initialized():
-            return cls(layout, 0, {}, {}, p.sequence_parallel and p.tp > 1, p.virtual_pp)
+            return cls.unconnected(layout, sequence_parallel, resolve_device(p.device, None))
+        device = resolve_device(p.device, dist.get_backend())
         rank = dist.get_rank() if rank is None else rank
         specs = {
             "tp": (layout.dense_sizes, [True, False, False, False]),
@@ -153,35 +193,35 @@ class ParallelState:
             "edp": (layout.expert_sizes, [False, False, True, False]),
             "expert_model_parallel": (layout.expert_sizes, [True, True, False, False]),
         }
-        groups, group_ranks = {}, {}
+        groups, group_ranks = {"world": dist.group.WORLD}, {"world": list(range(world))}
         for name, (sizes, mask) in specs.items():
             for ranks in orthogonal_groups(sizes, mask):
                 group = dist.new_group(ranks)  # collective: every rank creates every group
                 if rank in ranks:
                     groups[name], group_ranks[name] = group, ranks
-        for pp_ranks in orthogonal_groups(layout.dense_sizes, [False, False, False, True]):
-            emb = sorted({pp_ranks[0], pp_ranks[-1]})
-            group = dist.new_group(emb)
-            if rank in emb:
-                groups["embedding"], group_ranks["embedding"] = group, emb
-        return cls(layout, rank, groups, group_ranks, p.sequence_parallel and p.tp > 1, p.virtual_pp)
+        return cls(layout, rank, groups, group_ranks, sequence_parallel, device)
 
     # ------------------------------------------------------------------ accessors
+    def _ranks(self, name: str) -> list:
+        if name not in GROUP_NAMES:
+            raise KeyError(f"no process group named {name!r}; groups: {', '.join(GROUP_NAMES)}")
+        return self.group_ranks[name]
+
     def group(self, name: str) -> Group:
-        return self.groups.get(name)
+        self._ranks(name)
+        return self.groups[name]
 
     def size(self, name: str) -> int:
-        ranks = self.group_ranks.get(name)
-        return len(ranks) if ranks is not None else 1
+        return len(self._ranks(name))
 
     def rank_in(self, name: str) -> int:
-        ranks = self.group_ranks.get(name)
-        return ranks.index(self.rank) if ranks is not None else 0
+        ranks = self._ranks(name)
+        return ranks.index(self.rank) if len(ranks) > 1 else 0
 
     def global_rank(self, name: str, index: int) -> int:
         """Global rank of member ``index`` of this rank's group ``name``."""
-        ranks = self.group_ranks.get(name)
-        return ranks[index] if ranks is not None else self.rank
+        ranks = self._ranks(name)
+        return ranks[index] if len(ranks) > 1 else self.rank
 
     @property
     def tp_group(self) -> Group:

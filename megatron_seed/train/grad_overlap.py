@@ -92,7 +92,7 @@ class GradReduceOverlap:
             self._launch(self.next_chunk)
         for _, work in self.pending:
             work.wait()
-        flat = torch.cat([f for f, _ in reversed(self.pending)]) if self.pending else torch.zeros(0)
+        flat = torch.cat([f for f, _ in reversed(self.pending)]) if self.pending else torch.zeros(0, device=self.params[0].device)
         self.pending = []
         self.expected = 0
         return flat

@@ -34,6 +34,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_seed.config import TrainConfig
+from megatron_seed.parallel.mappings import reduce_scalars
 from megatron_seed.parallel.sharding import get_sharding, replicas
 from megatron_seed.parallel.state import ParallelState
 from megatron_seed.train.grad_overlap import GradReduceOverlap
@@ -92,13 +93,12 @@ class DistributedOptimizer:
         start = min(numel, shard * (self.ps.rank_in(group_name) if self.zero1 else 0))
         end = min(numel, start + shard)
         flat = self._flat([p.detach().float() for p in params], numel)
-        decay = self._flat([torch.full((p.numel(),), 0.0 if p.dim() < 2 else 1.0) for p in params], numel)
+        decay = self._flat([torch.full((p.numel(),), 0.0 if p.dim() < 2 else 1.0, device=self.ps.device) for p in params], numel)
         master = flat[start:end].clone()
         return _Bucket(params, group_name, start, end, numel, master, torch.zeros_like(master), torch.zeros_like(master), decay[start:end].clone())
 
-    @staticmethod
-    def _flat(tensors: list, numel: int) -> torch.Tensor:
-        return torch.cat([t.reshape(-1) for t in tensors]) if tensors else torch.zeros(numel)
+    def _flat(self, tensors: list, numel: int) -> torch.Tensor:
+        return torch.cat([t.reshape(-1) for t in tensors]) if tensors else torch.zeros(numel, device=self.ps.device)
 
     # ------------------------------------------------------------------ gradients
     def zero_grad(self) -> None:
@@ -152,16 +152,14 @@ class DistributedOptimizer:
         return flat
 
     def _grad_norm(self, flats: list) -> float:
-        total = torch.zeros((), dtype=torch.float64)
+        total = torch.zeros((), dtype=torch.float64, device=self.ps.device)
         for b, flat in zip(self.buckets, flats):
             offset = 0
             for p in b.params:
                 g = flat[offset:offset + p.numel()]
                 total += g.double().pow(2).sum() / replicas(p, self.ps)
                 offset += p.numel()
-        if self.ps.layout.world > 1 and dist.is_initialized():
-            dist.all_reduce(total)
-        return math.sqrt(total.item())
+        return math.sqrt(reduce_scalars([total], self.ps.group("world"), device=self.ps.device)[0])
 
     # ------------------------------------------------------------------ update
     @torch.no_grad()
@@ -195,9 +193,9 @@ class DistributedOptimizer:
         size = self.ps.size(b.group_name) if self.zero1 else 1
         if size > 1:
             shard = math.ceil(b.numel / size)
-            padded = torch.zeros(shard)
+            padded = b.master.new_zeros(shard)
             padded[: b.end - b.start] = b.master
-            parts = [torch.empty(shard) for _ in range(size)]
+            parts = [b.master.new_empty(shard) for _ in range(size)]
             dist.all_gather(parts, padded, group=self.ps.group(b.group_name))
             flat = torch.cat(parts)[: b.numel]
         else:

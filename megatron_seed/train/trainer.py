@@ -41,7 +41,7 @@ import torch.distributed as dist
 
 from megatron_seed.config import Config, ConfigError
 from megatron_seed.model.build import build_model_chunks
-from megatron_seed.parallel.mappings import all_reduce_no_grad
+from megatron_seed.parallel.mappings import reduce_scalars
 from megatron_seed.parallel.pipeline import forward_backward
 from megatron_seed.parallel.state import ParallelState
 from megatron_seed.parallel.tensor_parallel import vocab_parallel_log_probs
@@ -67,7 +67,7 @@ def lm_batch(tokens_BS1: torch.Tensor) -> dict:
     return {
         "input_ids_BS": tokens_BS1[:, :-1],
         "labels_BS": tokens_BS1[:, 1:],
-        "loss_mask_BS": torch.ones(tokens_BS1.shape[0], tokens_BS1.shape[1] - 1),
+        "loss_mask_BS": torch.ones(tokens_BS1.shape[0], tokens_BS1.shape[1] - 1, device=tokens_BS1.device),
     }
 
 
@@ -103,13 +103,11 @@ LM_LOSS = LossSpec(units=lambda mb: {"tokens": mb["loss_mask_BS"].sum()},
                    build=lambda totals, ps: lm_loss_fn(ps, max(1.0, totals["tokens"])))
 
 
-def reduce_sums(values: dict, group) -> dict:
-    """``{name: sum over group of value}`` as floats (one float64 all-reduce; every rank passes the same keys)."""
-    if not values:
-        return {}
+def reduce_sums(values: dict, group, device: torch.device) -> dict:
+    """``{name: sum over group of value}`` as floats (one float64 all-reduce on ``device``; every rank
+    passes the same keys)."""
     keys = sorted(values)
-    packet = torch.stack([torch.as_tensor(values[k], dtype=torch.float64).detach().cpu().reshape(()) for k in keys])
-    return dict(zip(keys, all_reduce_no_grad(packet, group).tolist()))
+    return dict(zip(keys, reduce_scalars([values[k] for k in keys], group, device=device)))
 
 
 def sum_shares(parts: list) -> dict:
@@ -167,7 +165,7 @@ class Trainer:
         """
         microbatches = split_microbatches(batch, self.cfg.train.micro_batch_size)
         units = sum_shares([loss.units(mb) for mb in microbatches])
-        totals = reduce_sums(units, self.ps.group("dp_cp"))
+        totals = reduce_sums(units, self.ps.group("dp_cp"), self.ps.device)
         loss_fn = loss.build(totals, self.ps)
         losses: list = []
 
@@ -179,7 +177,7 @@ class Trainer:
         stats = self.forward_backward(microbatches, recording_loss_fn)
         metrics = None
         if self.ps.is_last_stage:
-            sums = reduce_sums({"loss": sum(losses, torch.zeros(())), **sum_shares(stats)}, self.ps.group("dp_cp"))
+            sums = reduce_sums({"loss": sum(losses, 0.0), **sum_shares(stats)}, self.ps.group("dp_cp"), self.ps.device)
             metrics = loss.finalize(sums) if loss.finalize is not None else sums
         metrics = self._from_last_stage(metrics)
         if not math.isfinite(metrics["loss"]):
@@ -216,8 +214,9 @@ class Trainer:
 
         ``loss_fn(output, microbatch) -> (loss, stats)`` must return each micro-batch's
         share of the global loss (see :class:`LossSpec`). Returns the stats of the last
-        pipeline stage.
+        pipeline stage. The micro-batches move to the rank's device here.
         """
+        microbatches = [{k: v.to(self.ps.device, non_blocking=True) for k, v in mb.items()} for mb in microbatches]
         for m in self.chunks:
             m.train()
             m.set_aux_loss_scale(1.0 / (len(microbatches) * self.ps.dp_size))
@@ -242,9 +241,9 @@ class Trainer:
         Collective over pp (call on every rank): each stage holds only its own layers.
         """
         layers = [m for c in self.chunks for m in c.moe_layers()]
-        aux = [float(m.last_stats["aux_loss"]) for m in layers if m.last_stats.get("aux_loss") is not None]
-        total = all_reduce_no_grad(torch.tensor([sum(aux), len(aux)], dtype=torch.float64), self.ps.group("pp"))
-        return {"moe_aux_loss": float(total[0] / total[1])} if total[1] else {}
+        aux = [m.last_stats["aux_loss"] for m in layers if m.last_stats.get("aux_loss") is not None]
+        aux_sum, count = reduce_scalars([torch.stack(aux).sum() if aux else 0.0, len(aux)], self.ps.group("pp"), device=self.ps.device)
+        return {"moe_aux_loss": aux_sum / count} if count else {}
 
     # ------------------------------------------------------------------ checkpoints
     def layout_record(self) -> dict:
