@@ -45,6 +45,9 @@ class MoEConfig:
     dispatcher: str = "alltoall"  # alltoall | allgather
     kernel_backend: str = "auto"  # auto | torch | triton | inductor (see moe/kernels/__init__.py)
     router_dtype: str = "float32"
+    # benchmarks and the dry run only: slot a of token t goes to expert (t*A + a) mod E, so every expert gets the same
+    # load (Megatron's moe_router_force_load_balancing); the weights stay the router's scores of those experts
+    router_force_balance: bool = False
 
 
 @dataclass

@@ -20,6 +20,8 @@ experts, ``A`` top-k slots.
 * Aux-loss-free balancing (``bias_update_rate > 0``): :meth:`Router.update_expert_bias`
   moves ``bias_e += rate * sign(mean_load - load_e)`` using the loads counted since the
   last update, all-reduced over every group that sees other tokens.
+* Forced balance (``router_force_balance``, benchmarks and the dry run): slot ``a`` of token
+  ``t`` goes to expert ``(t*A + a) mod E`` whatever the scores; weights are those experts' scores.
 * Capacity (``capacity_factor``): each expert keeps at most ``ceil(cf * T * A / E)`` slots,
   the highest-weighted ones; dropped slots get expert id ``E``.
 
@@ -75,6 +77,11 @@ class Routing:
     z_loss: torch.Tensor  # detached L_z of the micro-batch (0 when off)
 
 
+def balanced_experts(T: int, A: int, E: int, device: torch.device) -> torch.Tensor:
+    """Forced balance: ``experts[t, a] = (t * A + a) mod E`` (distinct within a token since A <= E)."""
+    return (torch.arange(T * A, device=device) % E).view(T, A)
+
+
 def token_groups(ps: ParallelState) -> list:
     """Groups whose ranks hold other tokens of the same micro-batch (sequence split)."""
     return [ps.group(name) for name in ("tp", "cp") if ps.size(name) > 1]
@@ -127,6 +134,11 @@ class Router(nn.Module):
         weights_TA, experts_TA, scores_TE = kernels.topk_routing(
             logits_TE, self.top_k, cfg.score_function, cfg.norm_topk_prob, bias, cfg.num_groups, cfg.top_groups
         )
+        if cfg.router_force_balance:
+            experts_TA = balanced_experts(logits_TE.shape[0], self.top_k, self.num_experts, logits_TE.device)
+            weights_TA = scores_TE.gather(1, experts_TA)
+            if cfg.norm_topk_prob:
+                weights_TA = weights_TA / weights_TA.sum(dim=-1, keepdim=True)
         valid_T = None if valid_BS is None else valid_BS.reshape(-1).to(torch.bool)
         tokens_per_expert_E = expert_counts(experts_TA, self.num_experts, valid_T)
         if self.balance_bias and self.training:

@@ -136,9 +136,16 @@ def init_parameters(module: nn.Module, seed: int, ps: ParallelState, std: float)
     """Initialise every parameter as the one-process model would, then keep the shard.
 
     normal: N(0, std^2) drawn with a generator seeded by (seed, parameter name), so the
-    values depend on neither the layout nor the order modules were built in.
+    values depend on neither the layout nor the order modules were built in. Every buffer
+    (the router's balancing bias and load counts) starts at zero. Tensors on ``meta`` hold
+    no values and are left as they are.
     """
+    for buffer in module.buffers():
+        if not buffer.is_meta:
+            buffer.zero_()
     for name, param in module.named_parameters():
+        if param.is_meta:
+            continue
         sharding = get_sharding(param)
         if sharding.init == "ones":
             param.fill_(1.0)

@@ -168,18 +168,20 @@ class ParallelState:
         return cls(layout, 0, {n: None for n in GROUP_NAMES}, {n: [0] for n in GROUP_NAMES}, sequence_parallel, device)
 
     @classmethod
-    def build(cls, p: ParallelConfig, world: Optional[int] = None, rank: Optional[int] = None) -> "ParallelState":
+    def build(cls, p: ParallelConfig, world: Optional[int] = None, rank: Optional[int] = None,
+              device: Optional[torch.device] = None) -> "ParallelState":
         """Check the layout against the world size, then create every group.
 
-        All ranks must call this collectively (``new_group`` is collective).
+        All ranks must call this collectively (``new_group`` is collective). ``device``
+        overrides ``parallel.device`` (the dry run's ``meta``).
         """
         if world is None:
             world = dist.get_world_size() if dist.is_initialized() else 1
         layout = Layout.from_config(p, world)
         sequence_parallel = p.sequence_parallel and p.tp > 1
         if world == 1 and not dist.is_initialized():
-            return cls.unconnected(layout, sequence_parallel, resolve_device(p.device, None))
-        device = resolve_device(p.device, dist.get_backend())
+            return cls.unconnected(layout, sequence_parallel, device or resolve_device(p.device, None))
+        device = device or resolve_device(p.device, dist.get_backend())
         rank = dist.get_rank() if rank is None else rank
         specs = {
             "tp": (layout.dense_sizes, [True, False, False, False]),

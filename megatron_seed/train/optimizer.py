@@ -213,6 +213,10 @@ class DistributedOptimizer:
             flat = self._flat([p.detach().float() for p in b.params], b.numel)
             b.master.copy_(flat[b.start:b.end])
 
+    def state_tensors(self) -> list:
+        """Every tensor the optimizer keeps between steps: master weights, both moments, decay masks."""
+        return [t for b in self.buckets for t in (b.master, b.exp_avg, b.exp_avg_sq, b.decay_mask)]
+
     def state_bytes(self) -> int:
         """Bytes of optimizer state on this rank (master weights and both moments)."""
         return sum(t.numel() * t.element_size() for b in self.buckets for t in (b.master, b.exp_avg, b.exp_avg_sq))
