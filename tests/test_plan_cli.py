@@ -47,17 +47,21 @@ def test_200b_on_256_h100_ranks_layouts_and_the_best_fits(capsys):
     assert all(not e["fits"] and "GiB >" in e["why_not"] for e in out["dropped"])
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.timeout(90)
 def test_qwen3_235b_published_layout_fits_and_tp1_pp1_ep8_does_not(capsys):
-    published = _json(capsys, ["plan"] + QWEN_RUN + ["--layout", "tp=2,pp=8,vpp=4,ep=32"])["evaluation"]
-    assert published["fits"], published["why_not"]
-    naive = _json(capsys, ["plan"] + QWEN_RUN + ["--layout", "tp=1,pp=1,ep=8"])["evaluation"]
+    published = ["--layout", "tp=2,pp=8,vpp=4,ep=32"]
+    # Megatron-core runs this layout (its fused norms, overlaps and DeepEP: --stack megatron-core)
+    mcore = _json(capsys, ["plan"] + QWEN_RUN + published + ["--stack", "megatron-core"])["evaluation"]
+    assert mcore["fits"], mcore["why_not"]
+    assert mcore["time"]["mfu"] > 0.25  # it reports ~25% of bf16 peak; the model must not predict less
+    naive = _json(capsys, ["plan"] + QWEN_RUN + ["--layout", "tp=1,pp=1,ep=8", "--stack", "megatron-core"])["evaluation"]
     assert not naive["fits"] and "needs" in naive["why_not"]
-    # Megatron-core reports ~25% of bf16 peak for this layout; with its overlaps the model must not predict less.
-    mcore = _json(capsys, ["plan"] + QWEN_RUN + ["--layout", "tp=2,pp=8,vpp=4,ep=32", "--stack", "megatron-core"])["evaluation"]
-    assert mcore["time"]["mfu"] > 0.25
-    # this stack's dispatcher neither overlaps nor deduplicates the all-to-all: slower than Megatron-core
-    assert published["time"]["mfu"] < mcore["time"]["mfu"]
+    # this stack keeps more activations (unfused norms, tp-gathered inputs): it needs full recompute there
+    ours = _json(capsys, ["plan"] + QWEN_RUN + published)["evaluation"]
+    assert not ours["fits"] and "activations" in ours["why_not"]
+    ours_full = _json(capsys, ["plan"] + QWEN_RUN + published + ["--recompute", "full"])["evaluation"]
+    assert ours_full["fits"]
+    assert ours_full["time"]["mfu"] < mcore["time"]["mfu"]
 
 
 @pytest.mark.parametrize("argv, needles", [

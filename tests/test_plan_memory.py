@@ -9,6 +9,7 @@ from megatron_seed.parallel.spawn import run_distributed
 from megatron_seed.parallel.state import ParallelState
 from megatron_seed.plan.inputs import Assumptions, Workload
 from megatron_seed.plan.layout import PlanLayout
+from megatron_seed.plan.measured import measure, predicted
 from megatron_seed.plan.memory import global_rank_memory, in_flight_chunks, zero1_shard
 from megatron_seed.train.trainer import Trainer, lm_batch
 from tests.model_utils import tiny_config, tiny_model
@@ -58,3 +59,12 @@ def test_in_flight_micro_batches_follow_the_schedules():
     assert len(in_flight_chunks(PlanLayout(pp=4), 2, 0)) == 2  # fewer micro-batches than stages
     # interleaved, pp=2, vpp=2, 4 micro-batches: rank 0 warms up (2-0-1)*2 + (2-1)*2 = 4 forwards, plus one
     assert in_flight_chunks(PlanLayout(pp=2, vpp=2), 4, 0) == [0, 0, 1, 1, 0]
+
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("layout", [PlanLayout(), PlanLayout(pp=2)])
+def test_predicted_activation_peak_within_25_percent_of_a_real_step(layout):
+    measured = run_distributed(measure, layout.world, layout) if layout.world > 1 else [measure(0, 1, layout)]
+    for rank, real in enumerate(measured):
+        assert abs(predicted(layout, rank) / real - 1) <= 0.25, (rank, predicted(layout, rank), real)

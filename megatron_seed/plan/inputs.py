@@ -83,12 +83,15 @@ class Assumptions:
     overlap_pp: float = 0.0  # fraction of pipeline send/recv hidden behind compute
     overlap_param_gather: float = 0.0  # fraction of the ZeRO-1 parameter all-gather hidden behind the next forward
     ep_node_dedup: float = 0.0  # 1: a token crosses to each remote node once, then NVLink (DeepEP); 0: every row crosses (ours)
+    fused_norm: float = 0.0  # 1: RMSNorm keeps its input and 1/rms only (TE); 0: also the fp32 normalised x (ours)
+    sharded_saved_input: float = 0.0  # 1: tp layers keep their sequence shard and all-gather it again in backward (Megatron)
     framework_overhead_gib: float = 5.0  # CUDA context, NCCL buffers, allocator fragmentation, workspace
 
     @classmethod
     def profile(cls, name: str) -> "Assumptions":
         """``ours`` (this stack today) or ``megatron-core`` (its published MoE runs: tp-communication
-        overlap, 1F1B all-to-all overlap, DeepEP dispatch, overlapped parameter gather)."""
+        overlap, 1F1B all-to-all overlap, DeepEP dispatch, overlapped parameter gather, Transformer
+        Engine's fused norms, sequence-parallel inputs re-gathered in backward)."""
         if name not in PROFILES:
             raise ConfigError(f"--stack {name!r}: unknown; choose one of {', '.join(PROFILES)}")
         return PROFILES[name]
@@ -115,8 +118,9 @@ def check_assumptions(a: Assumptions) -> None:
         value = getattr(a, name)
         if not 0 < value <= 1:
             raise ConfigError(f"--assume {name}={value}: must be in (0, 1]")
-    if a.ep_node_dedup not in (0.0, 1.0):
-        raise ConfigError(f"--assume ep_node_dedup={a.ep_node_dedup}: must be 0 (every row crosses) or 1 (DeepEP-style)")
+    for name in ("ep_node_dedup", "fused_norm", "sharded_saved_input"):
+        if getattr(a, name) not in (0.0, 1.0):
+            raise ConfigError(f"--assume {name}={getattr(a, name)}: must be 0 (this stack) or 1 (Megatron-core's way)")
     for name in ("overlap_tp", "overlap_ep", "overlap_pp", "overlap_param_gather"):
         value = getattr(a, name)
         if not 0 <= value <= 1:
@@ -152,5 +156,6 @@ def check_workload(w: Workload, c: Cluster, max_seq_len: int) -> None:
 
 PROFILES = {
     "ours": Assumptions(),
-    "megatron-core": Assumptions(overlap_tp=0.9, overlap_ep=0.9, overlap_pp=0.9, overlap_param_gather=0.9, ep_node_dedup=1.0),
+    "megatron-core": Assumptions(overlap_tp=0.9, overlap_ep=0.9, overlap_pp=0.9, overlap_param_gather=0.9, ep_node_dedup=1.0,
+                                 fused_norm=1.0, sharded_saved_input=1.0),
 }

@@ -21,25 +21,30 @@ Activations (bytes kept for backward, ``b`` bytes an element, ``T`` tokens of a 
 on this cp rank, ``Tl = T / tp`` under sequence parallel, ``N``/``K`` local q/kv heads,
 ``R = Tl * etp * top_k * imbalance`` expert rows on the busiest rank), per layer:
 
-* attention: norm input ``Tl H b``, the tp-gathered projection input ``T H b``, with QK-norm
-  its inputs ``T (N + K) D b``, flash attention's q, k, v and output ``T (2N + 2K) D b`` and
+* every RMSNorm: its input and the fp32 normalised x, ``Tl H (b + 4)``, and ``1/rms``
+  (``fused_norm``: ``Tl H b``);
+* attention: a norm, the tp-gathered projection input ``T H b`` (``sharded_saved_input``:
+  ``Tl H b``, all-gathered again in backward), with QK-norm the same
+  norm pair over ``T (N + K) D``, flash attention's q, k, v and output ``T (2N + 2K) D b`` and
   log-sum-exp ``4 T N``;
-* MoE: norm input ``Tl H b``, router input ``Tl H b`` and fp32 logits and probabilities
+* MoE: a norm, router input ``Tl H b`` and fp32 logits and probabilities
   ``8 Tl E``, expert rows ``R H b``, gate/up outputs ``2 R F b``, SwiGLU outputs ``R F b``
   (dropped by selective recompute), shared experts: gathered input ``T H b`` and
   ``4 T Fs b`` (gate, silu(gate), up, product; selective keeps 2);
-* dense MLP: as the shared experts with the dense ffn;
-* per in-flight micro-batch of a chunk: its output ``Tl H b`` held for the backward, and the
-  rotary tables ``8 T D``; full recompute keeps only each layer's input ``Tl H b`` plus one
-  layer's activations while it is recomputed.
+* dense MLP: a norm, then as the shared experts with the dense ffn;
+* per in-flight forward of a chunk: the rotary tables ``8 T D`` and, unless it is the model's
+  last chunk, its output ``Tl H b`` (held until its gradient returns); full recompute keeps
+  only each layer's input ``Tl H b`` plus one layer's activations while it is recomputed.
 
 In flight (this repo's schedules, :mod:`megatron_seed.parallel.pipeline`): no pipeline, one
 micro-batch; 1F1B ``min(pp - r, M)`` micro-batches of stage ``r``; interleaved the chunks
 of the warm-up forwards plus one. Transient on top: the busiest layer's dispatch buffers
 (the a2a send and receive copies of ``R`` rows and the fp32 ``[Tl, H]`` combine accumulator)
-and, on the last stage, the logits working set ``T V/tp (b + 8)`` (logits, shifted fp32
-logits and their exponentials). KV cache (rollout phase): ``2 x layers x B x L x K D`` in the
-KV dtype plus the fp32 slot bias ``B x L``, with ``B = rollout_batch / dp``.
+and, on the last stage, the head: final norm, the gathered head input ``T H b`` and the
+logits working set ``T V/tp (16 + b)`` (shifted fp32 logits and their exponentials kept for
+backward, two fp32 gradients of them and the logits' gradient). KV cache (rollout phase):
+``2 x layers x B x L x K D`` in the KV dtype plus the fp32 slot bias ``B x L``, with
+``B = rollout_batch / dp``.
 """
 from __future__ import annotations
 
@@ -184,34 +189,45 @@ class ActivationModel:
         N = m.num_attention_heads / tp
         K = m.num_kv_heads / tp if m.num_kv_heads % tp == 0 else 1
         self.tokens, self.local_tokens = T, Tl
-        self.attention = Tl * H * b + 4 * Tl + T * H * b + T * (2 * N + 2 * K) * D * b + 4 * T * N
+        # an RMSNorm keeps its input, 1/rms and (unless fused) the normalised x in fp32
+        norm_bytes = b if a.fused_norm else b + 4
+        norm = Tl * H * norm_bytes + 4 * Tl
+        gathered = Tl * H * b if a.sharded_saved_input else T * H * b  # the input a column-parallel layer keeps
+        self.attention = norm + gathered + T * (2 * N + 2 * K) * D * b + 4 * T * N
         if m.qk_norm:
-            self.attention += T * (N + K) * D * (b + 4 / D)
+            self.attention += T * (N + K) * D * norm_bytes + 4 * T * (N + K)
         keep = 2 if w.recompute == "selective" else 4
         self.rows = Tl * layout.etp * m.moe.top_k * a.moe_imbalance
         F = m.moe.ffn_size / layout.etp
         self.moe = (
-            Tl * H * b + 4 * Tl + Tl * H * b + 8 * Tl * m.moe.num_experts
+            norm + Tl * H * b + 8 * Tl * m.moe.num_experts
             + self.rows * (H * b + 4 + (2 if w.recompute == "selective" else 3) * F * b)
         )
         shared = m.moe.num_shared_experts * m.moe.shared_ffn_size / tp
         if shared:
-            self.moe += (T * H * b if tp > 1 else 0) + keep * T * shared * b
-        self.dense = Tl * H * b + 4 * Tl + T * H * b + keep * T * (m.dense_ffn_size / tp) * b
-        self.per_chunk_forward = Tl * H * b + 8 * T * D  # the chunk output kept for backward, rotary tables
+            self.moe += (T * H * b if tp > 1 and not a.sharded_saved_input else 0) + keep * T * shared * b
+        self.dense = norm + gathered + keep * T * (m.dense_ffn_size / tp) * b
+        self.rotary = 8 * T * D  # cos and sin tables of the micro-batch, fp32
+        self.chunk_output = Tl * H * b  # a stage's output, held until its gradient comes back
         self.dispatch = 2 * self.rows * H * b + 4 * Tl * H if m.num_dense_layers < m.num_layers else 0.0
-        self.logits = T * (m.vocab_size / tp) * (b + 8) + 2 * T * H * b if not m.value_head else 8 * T
+        head = norm + gathered  # final norm, head input
+        # the loss keeps the shifted fp32 logits and their exponentials; its backward adds two fp32
+        # gradients of that size and the logits' gradient in the activation dtype
+        self.logits = head + (T * (m.vocab_size / tp) * (16 + b) if not m.value_head else 8 * T)
 
     def layers(self, layer_ids: tuple) -> float:
         """Activations of ``layer_ids`` for one micro-batch without recompute."""
         dense = sum(1 for i in layer_ids if i < self.m.num_dense_layers)
         return len(layer_ids) * self.attention + dense * self.dense + (len(layer_ids) - dense) * self.moe
 
-    def chunk(self, layer_ids: tuple) -> float:
-        """Activations one forward of a chunk keeps until its backward."""
+    def chunk(self, layer_ids: tuple, holds_output: bool) -> float:
+        """Activations one forward of a chunk keeps until its backward (``holds_output``: its
+        output goes to the next stage and stays referenced until that stage's gradient returns)."""
         if self.w.recompute == "full":
-            return len(layer_ids) * self.local_tokens * self.m.hidden_size * self.w.act_bytes + self.per_chunk_forward
-        return self.layers(layer_ids) + self.per_chunk_forward
+            kept = len(layer_ids) * self.local_tokens * self.m.hidden_size * self.w.act_bytes
+        else:
+            kept = self.layers(layer_ids)
+        return kept + self.rotary + (self.chunk_output if holds_output else 0.0)
 
     def recompute_working_set(self, layer_ids: tuple) -> float:
         """Full recompute: one layer's activations, rebuilt during its backward."""
@@ -242,7 +258,8 @@ def rank_memory(m: ModelConfig, layout: PlanLayout, w: Workload, a: Assumptions,
     acts = ActivationModel(m, layout, w, a)
     chunks = stage_layers(m, layout, pp_rank)
     alive = in_flight_chunks(layout, layout.micro_batches(w), pp_rank)
-    per_chunk = [acts.chunk(c) for c in chunks]
+    last = layout.pp - 1
+    per_chunk = [acts.chunk(c, holds_output=not (pp_rank == last and v == len(chunks) - 1)) for v, c in enumerate(chunks)]
     activations = sum(per_chunk[v] for v in alive) + max(acts.recompute_working_set(c) for c in chunks)
     has_moe = any(i >= m.num_dense_layers for c in chunks for i in c)
     layers = sum(len(c) for c in chunks)

@@ -142,7 +142,9 @@ def micro_batch_seconds(m: ModelConfig, layout: PlanLayout, w: Workload, c: Clus
     mlp_colls = 2 * n_dense + (2 * n_moe if m.moe.num_shared_experts else 0)  # routed experts: none (tokens stay split)
     tp_colls = 2 * n_layers + mlp_colls + (pp_rank == 0) + (pp_rank == layout.pp - 1)  # + embedding RS, head AG
     tp_bytes = (tp - 1) / tp * T * m.hidden_size * b
-    tp_time = comm_passes * tp_colls * tp_bytes / (c.gpu.nvlink_gbps * 1e9 * eff) if tp > 1 else 0.0
+    gathers = (tp_colls - (pp_rank == 0)) / 2  # the all-gathers among them (the embedding's is a reduce-scatter)
+    regather = gathers if a.sharded_saved_input else 0.0  # backward all-gathers the kept shards again
+    tp_time = (comm_passes * tp_colls + regather) * tp_bytes / (c.gpu.nvlink_gbps * 1e9 * eff) if tp > 1 else 0.0
     rows = Tl * layout.etp * m.moe.top_k * a.moe_imbalance
     ep_time = 0.0
     if n_moe and layout.ep > 1:
