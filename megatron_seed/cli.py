@@ -18,7 +18,7 @@ COMMANDS = {
     "params": ("megatron_seed.commands.params", "exact parameter counts of a preset or config"),
     "train": ("megatron_seed.commands.train", "pretrain / fine-tune a GPT-MoE (torchrun for several processes)"),
     "demo": ("megatron_seed.commands.demo", "the embedded default: a short run of the tiny preset on the bundled corpus"),
-    "convert": ("megatron_seed.commands.convert", "convert checkpoints to / from Hugging Face Qwen3-MoE"),
+    "convert": ("megatron_seed.commands.convert", "convert checkpoints to / from Hugging Face (Qwen3-MoE, GLM-4.5-MoE) and megatron-core"),
     "train-rm": ("megatron_seed.commands.train_rm", "train a pairwise reward model on JSONL preference pairs"),
     "preprocess": ("megatron_seed.commands.preprocess", "tokenize JSONL into a Megatron .bin/.idx indexed dataset (parallel, streaming)"),
     "filter": ("megatron_seed.commands.filter", "drop RL prompts that are too easy / too hard / low-variance under a policy's samples"),

@@ -9,6 +9,9 @@ from megatron_seed.cli import add_config_arguments
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from the latest checkpoint in train.save_dir (weights, optimizer, step, data position); "
+                             "starts fresh when there is none")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -17,10 +20,10 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.preset, args.config, args.overrides)
     if args.no_progress:
         cfg.train.progress = False
-    return pretrain(cfg)
+    return pretrain(cfg, resume=args.resume)
 
 
-def pretrain(cfg) -> int:
+def pretrain(cfg, resume: bool = False) -> int:
     """Build groups, model, data and trainer from ``cfg``; train; save. Returns an exit code."""
     import os
     import sys
@@ -30,6 +33,7 @@ def pretrain(cfg) -> int:
     from data.pretrain import batch_iterator, build_pretrain_dataset
     from data.tokenizer import load_tokenizer
     from megatron_seed.parallel.state import ParallelState, init_distributed, rank_map
+    from megatron_seed.train.checkpoint import latest_checkpoint
     from megatron_seed.train.metrics import MetricsLogger
     from megatron_seed.train.trainer import NonFiniteLossError, Trainer
 
@@ -45,7 +49,9 @@ def pretrain(cfg) -> int:
 
         raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size}; fix: raise model.vocab_size")
     trainer = Trainer(cfg, ps)
-    if cfg.train.load_dir:
+    if resume and latest_checkpoint(cfg.train.save_dir) is not None:
+        trainer.load(cfg.train.save_dir)
+    elif cfg.train.load_dir:
         trainer.load(cfg.train.load_dir)
     # size the shuffled epochs to the whole run so no order repeats within it
     num_samples = cfg.train.steps * cfg.train.global_batch_size

@@ -262,10 +262,8 @@ class PendingSave:
         self._thread = threading.Thread(target=self._write, daemon=True) if async_save else None
         if self._thread is not None:
             self._thread.start()
-        else:
+        else:  # a failure is reported by finish(), on every rank together
             self._write()
-            if self._error is not None:
-                raise self._error
 
     def _write(self) -> None:
         from safetensors.torch import save_file
