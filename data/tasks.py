@@ -327,7 +327,7 @@ def verify(rng: random.Random, difficulty: int) -> Problem:
         reference = f"{float(value):g}" if rng.random() < 0.5 else _fraction_text(value)
     equivalent = rng.random() < 0.5
     candidate = rng.choice(_equivalent_forms(value) if equivalent else _near_misses(value, expression))
-    key = f"{rng.getrandbits(64):016x}"
+    key = f"{rng.getrandbits(32):08x}"
     label = "YES" if equivalent else "NO"
     prompt = build_verifier_prompt(question, reference, f"The answer is {candidate}.", key, thinking=True)
     why = "has the same value as" if equivalent else "is not the same single value as"

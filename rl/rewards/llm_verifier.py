@@ -159,7 +159,7 @@ class LLMVerifier(BaseScorer):
             if hit:
                 results[i] = RewardResult.failed("hack_suspect", f"answer addresses the judge ({hit.group(0)!r})")
                 continue
-            key = secrets.token_hex(8)
+            key = secrets.token_hex(4)
             asks.append(i)
             keys.append(key)
             prompts.append(self.prompt_for(s, key))
