@@ -30,7 +30,7 @@ def _allocated(rank: int, world: int, layout: PlanLayout) -> dict:
     return {
         "parameters": sum(p.numel() * p.element_size() for p in params),
         "gradients": sum(p.grad.numel() * p.grad.element_size() for p in params),
-        "optimizer": trainer.optimizer.state_bytes(),
+        "optimizer": sum(t.numel() * t.element_size() for t in trainer.optimizer.state_tensors()),
     }
 
 

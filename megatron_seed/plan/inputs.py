@@ -32,7 +32,7 @@ class Cluster:
 class Workload:
     """One training step (and optionally the RL rollout that precedes it).
 
-    ``precision``: bf16 (bf16 weights and activations, fp32 master weights and Adam moments),
+    ``precision``: bf16 (bf16 weights, gradients and activations, fp32 master weights and Adam moments),
     fp8 (the same memory, GEMMs at the fp8 peak) or fp32. ``recompute``: none; selective (the
     SwiGLU activations of routed experts, shared experts and dense MLPs are recomputed in
     backward, Megatron's ``--recompute-modules moe_act``; the attention core is flash attention,

@@ -11,8 +11,8 @@ Model state (exact: checked against instantiated models and the ZeRO-1 optimizer
 * gradients: one per parameter in the parameter's dtype (autograd's ``p.grad``);
 * optimizer: :class:`~megatron_seed.train.optimizer.DistributedOptimizer` keeps two buckets,
   dense (sharded over dp * cp) and expert (over edp); under ZeRO-1 a rank holds
-  ``ceil(n / size)`` elements of each (fewer on the last ranks) of fp32 master weights and
-  both Adam moments: 12 bytes an element;
+  ``ceil(n / size)`` elements of each (fewer on the last ranks) of fp32 master weights, both
+  Adam moments and the weight-decay mask: 16 bytes an element;
 * optimizer step buffers (transient, activations already freed): the reduced flat fp32
   gradients of both buckets, the ZeRO-1 all-gather of the larger bucket (the gathered
   shards and their concatenation), and Adam's two temporaries over the shard.
@@ -59,7 +59,7 @@ from megatron_seed.parallel.state import rank_coordinates
 from megatron_seed.plan.inputs import KV_DTYPES, Assumptions, Workload
 from megatron_seed.plan.layout import PlanLayout
 
-OPTIMIZER_STATE_BYTES = 12  # fp32 master weight + exp_avg + exp_avg_sq
+OPTIMIZER_STATE_BYTES = 16  # fp32 master weight, exp_avg, exp_avg_sq and the weight-decay mask
 
 
 @dataclass(frozen=True)

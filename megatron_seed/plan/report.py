@@ -24,7 +24,7 @@ def assumption_lines(w: Workload, a: Assumptions) -> list:
                              "every (token, expert) row to another node crosses the network (this stack's dispatcher)"),
         f"MoE: busiest expert rank gets {a.moe_imbalance:.2f}x the mean rows (compute, all-to-all, dispatch buffers); "
         f"framework overhead {a.framework_overhead_gib:.1f} GiB a GPU",
-        f"precision {w.precision}: parameters and gradients {w.param_bytes} B, fp32 master + Adam moments 12 B an element "
+        f"precision {w.precision}: parameters and gradients {w.param_bytes} B, fp32 master, Adam moments and decay mask 16 B an element "
         f"({'ZeRO-1 over dp' if w.zero1 else 'not sharded'}); activations {w.act_bytes} B; recompute {w.recompute}; "
         "sequence parallel whenever tp > 1",
     ]
