@@ -91,3 +91,22 @@ def test_filter_command_end_to_end(tmp_path):
     summary = json.loads((tmp_path / "kept.jsonl.report.json").read_text())
     assert summary["total"]["too_hard"] + summary["total"]["kept"] == 3 and summary["samples_per_prompt"] == 2
     assert len(load_prompts(out)[0]) == summary["total"]["kept"]
+
+
+@pytest.mark.timeout(240)
+def test_filter_command_refuses_unscorable_prompts_and_judges_with_the_policy(tmp_path, capsys):
+    """A chat prompt with no reward model is refused before sampling, naming the fix; with rewards.llm_judge=policy
+    the sampled policy judges the STEM prompt's answers itself."""
+    from megatron_seed.cli import main
+
+    chat = tmp_path / "chat.jsonl"
+    write_prompts([PromptRecord("c0", "chat", "Write a haiku.")], chat)
+    assert main(["filter", "--input", str(chat), "--output", str(tmp_path / "k0.jsonl"), "-n", "2"]) == 2
+    assert "route to 'pairwise'" in capsys.readouterr().err and not (tmp_path / "k0.jsonl").exists()
+    stem = tmp_path / "stem.jsonl"
+    write_prompts([PromptRecord("s0", "stem", "Why is the sky blue?", reference_answer="Rayleigh scattering")], stem)
+    out = tmp_path / "k1.jsonl"
+    assert main(["filter", "--input", str(stem), "--output", str(out), "-n", "2", "--set", "rollout.max_new_tokens=4",
+                 "--set", "rewards.llm_judge=policy"]) == 0
+    summary = json.loads((tmp_path / "k1.jsonl.report.json").read_text())
+    assert summary["total"]["kept"] + summary["total"]["too_hard"] == 1

@@ -3,8 +3,8 @@
 Samples ``-n`` responses per prompt with our checkpoint (``--set train.load_dir=DIR``;
 without it the config's freshly initialised model, useful only for a dry run) through
 the rollout engine, scores them with the reward router of the config's ``rewards``
-section (:func:`rl.rewards.factory.build_reward_router`; prompts it cannot score are
-refused first),
+section (:func:`rl.rewards.factory.build_reward_router`; with ``rewards.llm_judge=policy``
+the same policy is the LLM verifier's judge; prompts it cannot score are refused first),
 and applies the :mod:`data.filters` rules. Writes the kept prompts (JSONL, input order)
 and a JSON report with counts per domain and reason (default ``<output>.report.json``).
 """
@@ -49,8 +49,6 @@ def run(args: argparse.Namespace) -> int:
         filter_cfg = FilterConfig(args.easy_pass_rate, args.hard_pass_rate, args.min_score_variance)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    router = build_reward_router(cfg)
-    admit_prompts(load_prompts(args.input)[0], router)
     ps = ParallelState.single()
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     if tokenizer.vocab_size > cfg.model.vocab_size:
@@ -60,6 +58,8 @@ def run(args: argparse.Namespace) -> int:
         layout = {"world": 1, "tp": 1, "pp": 1, "dp": 1, "ep": 1, "etp": 1, "cp": 1, "virtual_pp": 1}
         _load_weights(chunks, cfg.train.load_dir, 0, layout)
     engine = RolloutEngine(chunks, ps, cfg.rollout, tokenizer=tokenizer, seed=cfg.train.seed)
+    router = build_reward_router(cfg, judge=engine.generate_text if cfg.rewards.llm_judge == "policy" else None)
+    admit_prompts(load_prompts(args.input)[0], router)
     n = args.samples or cfg.rollout.samples_per_prompt
     report, loaded = filter_prompt_file(args.input, args.output, engine_policy(engine, tokenizer, SYSTEM_PROMPT), router, n,
                                         filter_cfg, args.batch_prompts, args.report)
