@@ -16,12 +16,10 @@ import numpy as np
 import pytest
 import torch
 
-from megatron_seed.config import ParallelConfig
 from megatron_seed.parallel.spawn import run_distributed
 from megatron_seed.parallel.state import ParallelState
 from megatron_seed.train.checkpoint import CheckpointError, flat_range_boxes
 from megatron_seed.train.trainer import Trainer, lm_batch
-from tests.model_utils import tiny_model
 from tests.parallel_harness import equivalence_config, full_parameters, rel_err
 
 GLOBAL_BATCH, SEQ = 4, 16

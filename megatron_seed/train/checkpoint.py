@@ -89,6 +89,15 @@ def _barrier() -> None:
         dist.barrier()
 
 
+def _gather_objects(obj: Any) -> list:
+    """Every rank's ``obj``, in rank order (collective; ``[obj]`` without torch.distributed)."""
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def _world() -> tuple:
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
@@ -278,24 +287,17 @@ class PendingSave:
         """Collective: wait for every rank's files, then rank 0 writes the manifest, renames, updates ``latest``."""
         if self._thread is not None:
             self._thread.join()
-        failed = torch.tensor([1 if self._error is not None else 0])
-        if dist.is_initialized():
-            dist.all_reduce(failed)
-        if failed.item():
-            raise CheckpointError(f"saving {self.path} failed on {int(failed.item())} rank(s)"
-                                  + (f": {type(self._error).__name__}: {self._error}" if self._error else "")
-                                  + f"; {self.save_dir}/latest still names the previous checkpoint") from self._error
-        rank, world = _world()
-        sizes = {name: os.path.getsize(os.path.join(self.tmp, name)) for name, _ in self._files}
-        report = (sizes, self._rank_extra)
-        reports = [None] * world
-        if dist.is_initialized():
-            dist.all_gather_object(reports, report)
-        else:
-            reports = [report]
+        error = f"{type(self._error).__name__}: {self._error}" if self._error is not None else None
+        sizes = {} if error else {name: os.path.getsize(os.path.join(self.tmp, name)) for name, _ in self._files}
+        reports = _gather_objects((error, sizes, self._rank_extra))  # objects, not tensors: any backend's device
+        failed = [(r, err) for r, (err, _, _) in enumerate(reports) if err]
+        if failed:
+            raise CheckpointError(f"saving {self.path} failed on rank(s) {[r for r, _ in failed]} ({failed[0][1]}); "
+                                  f"{self.save_dir}/latest still names the previous checkpoint") from self._error
+        rank, _ = _world()
         if rank == 0:
             files, extra = {}, {}
-            for file_sizes, rank_extra in reports:
+            for _, file_sizes, rank_extra in reports:
                 files.update(file_sizes)
                 extra.update(rank_extra)
             _write_manifest(self.tmp, self.step, self._state, files, self._chunks, extra)
@@ -309,6 +311,8 @@ def _write_manifest(directory: str, step: int, state: dict, files: dict, tensors
     manifest = {"format": FORMAT, "step": step, **state, "files": dict(sorted(files.items())), "tensors": tensors, "extra": extra}
     with open(os.path.join(directory, MANIFEST), "w") as f:
         json.dump(manifest, f)
+        f.flush()
+        os.fsync(f.fileno())  # on disk before the rename publishes it
     if "config" in state.get("meta", {}):
         with open(os.path.join(directory, "config.yaml"), "w") as f:
             yaml.safe_dump(state["meta"]["config"], f, sort_keys=False)
@@ -346,7 +350,7 @@ def save_checkpoint(
     Returns the :class:`PendingSave`; without ``async_save`` its files are written, and the
     caller publishes it with :meth:`PendingSave.finish` (collective).
     """
-    rank, world = _world()
+    rank, _ = _world()
     extra_tensors: dict = {}
     rank_extra = {f"rank_{rank:05d}": _split_extra(extra or {}, f"extra/rank_{rank:05d}", extra_tensors)}
     pieces = list(pieces) + [Piece(k, t, (0,) * t.dim(), tuple(t.shape)) for k, t in extra_tensors.items()]
@@ -355,11 +359,7 @@ def save_checkpoint(
         by_index.setdefault((p.key, tuple(p.offsets)), p)
     plan = [(p.key, tuple(p.offsets), p.sizes, p.tensor.numel() * p.tensor.element_size(), tuple(p.global_shape),
              str(p.tensor.dtype).removeprefix("torch.")) for p in by_index.values()]
-    plans = [None] * world
-    if dist.is_initialized():
-        dist.all_gather_object(plans, plan)
-    else:
-        plans = [plan]
+    plans = _gather_objects(plan)
     owner = _assign_writers(plans)
     tensors: dict = {}
     files = []
