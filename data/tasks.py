@@ -6,6 +6,7 @@ programs with bigger test inputs):
 
 - ``arithmetic`` (math): chains of + and - of multi-digit numbers, or a long
   multiplication, worked step by step.
+- ``addition`` (math): ``a + b`` of a (d+1)-digit and a d-digit number, one worked line.
 - ``linear_equation`` (math): ``a*x + b = c`` or ``a*x + b = d*x + e`` with an integer root.
 - ``string_task`` (puzzle): sort words or numbers, count a letter, reverse a word.
 - ``program`` (code): a small stdin/stdout program (sum, max, reverse, fizzbuzz, ...)
@@ -96,6 +97,16 @@ def arithmetic(rng: random.Random, difficulty: int) -> Problem:
     phrasing = rng.choice(["What is {e}?", "Compute {e}.", "Calculate {e}.", "Evaluate {e}."])
     solution = " ".join(f"Step {i + 1}: {s}" for i, s in enumerate(steps)) + f" The answer is {result}."
     return Problem("arithmetic", "math", phrasing.format(e=expr), solution, str(result), difficulty=difficulty)
+
+
+def addition(rng: random.Random, difficulty: int) -> Problem:
+    """``a + b`` with a (d+1)-digit ``a`` and a d-digit ``b`` (d = ``difficulty``; 1 digit: 1..9), one
+    worked line: the easiest math family, which the tiny RL job learns from a partly right start."""
+    _check_difficulty(difficulty)
+    a = rng.randint(10**difficulty, 10 ** (difficulty + 1) - 1)
+    b = rng.randint(10 ** (difficulty - 1), 10**difficulty - 1)
+    solution = f"{a} + {b} = {a + b}. The answer is {a + b}."
+    return Problem("addition", "math", f"What is {a} + {b}?", solution, str(a + b), difficulty=difficulty)
 
 
 def _signed(v: int) -> str:
@@ -337,6 +348,7 @@ def verify(rng: random.Random, difficulty: int) -> Problem:
 
 
 GENERATORS: dict = {
+    "addition": addition,
     "arithmetic": arithmetic,
     "linear_equation": linear_equation,
     "string_task": string_task,

@@ -23,6 +23,7 @@ COMMANDS = {
     "preprocess": ("megatron_seed.commands.preprocess", "tokenize JSONL into a Megatron .bin/.idx indexed dataset (parallel, streaming)"),
     "filter": ("megatron_seed.commands.filter", "drop RL prompts that are too easy / too hard / low-variance under a policy's samples"),
     "plan": ("megatron_seed.commands.plan", "memory and step-time model: rank the layouts that fit a model on N GPUs"),
+    "sft": ("megatron_seed.commands.sft", "supervised fine-tuning on chat conversations (default: generated worked solutions)"),
     "rl": ("megatron_seed.commands.rl", "Seed1.5-Thinking RL: value pretraining then PPO with adaptive domain weights (tiny default)"),
 }
 

@@ -130,6 +130,9 @@ class DataConfig:
     weights: Optional[list] = None  # blending weights, one per train_data entry
     text_field: str = "text"
     prompts: Optional[str] = None  # RL prompt JSONL; None = generated tasks
+    # generated verifiable tasks (data/tasks.py) for RL prompts, SFT worked solutions and held-out evaluation
+    task_families: list = field(default_factory=lambda: ["arithmetic", "linear_equation", "program"])
+    task_difficulty: list = field(default_factory=lambda: [1, 2])  # [lowest, highest], each in 1..5
     num_workers: int = 2
 
 
@@ -209,6 +212,17 @@ class RewardsConfig:
 
 
 @dataclass
+class SFTConfig:
+    """Supervised fine-tuning (``megatron-seed sft`` and the RL run's warm-up phase); see megatron_seed/train/sft.py."""
+
+    steps: int = 0  # optimizer steps; 0 = no SFT phase in an RL run
+    lr: float = 3e-3  # peak; cosine decay to lr / 10
+    warmup_steps: int = 10
+    examples: int = 2000  # generated worked solutions when sft.data is None
+    data: Optional[str] = None  # {"messages": [...]} JSONL; None = generated tasks of data.task_families
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -217,6 +231,7 @@ class Config:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     rl: RLConfig = field(default_factory=RLConfig)
     rewards: RewardsConfig = field(default_factory=RewardsConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -506,6 +521,18 @@ def validate_config(cfg: Config) -> None:
         0 <= r.adaptation_min_weight <= r.adaptation_max_weight <= 1,
         f"rl.adaptation_min_weight={r.adaptation_min_weight} / rl.adaptation_max_weight={r.adaptation_max_weight}: need 0 <= min <= max <= 1",
     )
+    s = cfg.sft
+    _require(s.steps >= 0, f"sft.steps={s.steps}: must be >= 0 (0 = no SFT)")
+    _require(s.lr > 0, f"sft.lr={s.lr}: must be > 0")
+    _require(s.warmup_steps >= 0, f"sft.warmup_steps={s.warmup_steps}: must be >= 0")
+    _require(s.examples >= 1, f"sft.examples={s.examples}: must be >= 1")
+    d = cfg.data
+    # the family names are checked by data.tasks (a higher layer) when the tasks are generated
+    _require(bool(d.task_families) and all(isinstance(f, str) for f in d.task_families),
+             f"data.task_families={d.task_families}: must be a non-empty list of task family names, e.g. [addition]")
+    _require(len(d.task_difficulty) == 2 and all(isinstance(v, int) and 1 <= v <= 5 for v in d.task_difficulty)
+             and d.task_difficulty[0] <= d.task_difficulty[1],
+             f"data.task_difficulty={d.task_difficulty}: must be [low, high] with 1 <= low <= high <= 5")
     ro = cfg.rollout
     _require(ro.temperature >= 0, f"rollout.temperature={ro.temperature}: must be >= 0 (0 = greedy)")
     _require(0 < ro.top_p <= 1, f"rollout.top_p={ro.top_p}: must be in (0, 1]")

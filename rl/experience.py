@@ -23,6 +23,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from megatron_seed.parallel.mappings import all_reduce_no_grad
+
 REQUIRED_KEYS = ("input_ids_BS", "labels_BS", "position_ids_BS", "padding_mask_BS", "mask_BS", "rewards_B", "correct_B", "truncated_B")
 
 
@@ -98,6 +100,28 @@ def from_sequences(
     correct = correct if correct is not None else [r > 0 for r in rewards]
     truncated = truncated if truncated is not None else [False] * B
     return _row_facts(exp, rewards, correct, truncated)
+
+
+def drop_zero_variance_groups(exp: dict, samples_per_prompt: int, group=None) -> tuple:
+    """DAPO's dynamic-sampling filter: ``(exp', kept, total)`` with the groups (the ``n`` adjacent
+    rows sampled from one prompt) whose rewards are all equal taken out of training.
+
+    Such a group has zero advantage under a group baseline and, all right or all wrong,
+    teaches the policy nothing about which answer is better. Its rows keep their place
+    (every layout keeps its shapes and collectives) but their ``mask_BS`` is cleared, so
+    no loss, normaliser, whitening statistic or metric counts their tokens. ``kept`` and
+    ``total`` count groups over every rank of ``group`` (the data-parallel group): when
+    ``kept`` is 0 there is nothing left to train on this step.
+    """
+    B = num_rows(exp)
+    if samples_per_prompt < 1 or B % samples_per_prompt:
+        raise ValueError(f"{B} rows are not whole groups of rollout.samples_per_prompt={samples_per_prompt}")
+    rewards_GN = exp["rewards_B"].view(-1, samples_per_prompt)
+    varied_G = (rewards_GN != rewards_GN[:, :1]).any(dim=1)
+    out = dict(exp)
+    out["mask_BS"] = exp["mask_BS"] & varied_G.repeat_interleave(samples_per_prompt)[:, None]
+    kept, total = all_reduce_no_grad(torch.tensor([float(varied_G.sum()), float(varied_G.numel())], dtype=torch.float64), group).tolist()
+    return out, int(kept), int(total)
 
 
 def num_rows(exp: dict) -> int:

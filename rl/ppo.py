@@ -40,6 +40,7 @@ from megatron_seed.train.trainer import LossSpec, Trainer
 from rl.advantage import compute_advantages, place_terminal_reward, values_after_response
 from rl.experience import append_bootstrap_column, check_experience, pad_columns, split_mini_batches
 from rl.losses import LossNormalizer, actor_loss, explained_variance, normalizer_units, value_loss, value_metrics
+from rl.rollout.sampling import tempered
 
 
 def rl_trainer_config(cfg: Config, role: str, rows_per_update: int) -> Config:
@@ -88,10 +89,12 @@ def critic_values(critic: Trainer, batch: dict) -> Optional[torch.Tensor]:
     return critic.forward(batch, lambda values, mb: values.float())
 
 
-def actor_loss_fn(ps: ParallelState, cfg: RLConfig, norm: LossNormalizer) -> Callable:
-    """The loss of one actor micro-batch: :func:`rl.losses.actor_loss` on vocab-parallel log-probs."""
+def actor_loss_fn(ps: ParallelState, cfg: RLConfig, norm: LossNormalizer, temperature: float = 1.0) -> Callable:
+    """The loss of one actor micro-batch: :func:`rl.losses.actor_loss` on vocab-parallel log-probs of the
+    policy at the sampling ``temperature`` (the one the behaviour log-probs were taken at)."""
 
     def loss_fn(logits_BSV: torch.Tensor, mb: dict) -> tuple:
+        logits_BSV = tempered(logits_BSV, temperature)
         logprobs_BS = vocab_parallel_log_probs(logits_BSV, mb["labels_BS"], ps)
         # the entropy is a metric unless it is in the objective: no graph for it then
         with torch.set_grad_enabled(torch.is_grad_enabled() and cfg.entropy_coef > 0):
@@ -111,10 +114,11 @@ def critic_loss_fn(norm: LossNormalizer, clip: Optional[float], agg: str) -> Cal
     return loss_fn
 
 
-def actor_loss_spec(cfg: RLConfig) -> LossSpec:
-    """The actor's step: normalised by the response tokens / sequences (and those of the positive rows)."""
+def actor_loss_spec(cfg: RLConfig, temperature: float = 1.0) -> LossSpec:
+    """The actor's step: normalised by the response tokens / sequences (and those of the positive rows);
+    log-probs at the sampling ``temperature``."""
     return LossSpec(units=lambda mb: normalizer_units(mb["mask_BS"], mb["correct_B"]),
-                    build=lambda totals, ps: actor_loss_fn(ps, cfg, LossNormalizer.from_totals(totals)))
+                    build=lambda totals, ps: actor_loss_fn(ps, cfg, LossNormalizer.from_totals(totals), temperature))
 
 
 def critic_loss_spec(clip: Optional[float], agg: str) -> LossSpec:
@@ -139,11 +143,13 @@ class PPOTrainer:
     rows cut off by ``max_new_tokens`` from the critic's value of the whole cut response
     (one position past the last token, a column appended for it); off by default because
     outcome rewards (verifier, overlong penalty) score the cut response as final, so
-    the episode ended there and a bootstrap would count the future twice.
+    the episode ended there and a bootstrap would count the future twice. ``temperature``: the
+    rollout's sampling temperature; every policy log-prob (recomputed behaviour, reference, the
+    actor's new ones) is taken at it, so the ratio compares the distributions that were sampled.
     """
 
     def __init__(self, actor: Trainer, critic: Trainer, cfg: RLConfig, reference: Optional[list] = None,
-                 recompute_logprobs: bool = False, bootstrap_truncated: bool = False):
+                 recompute_logprobs: bool = False, bootstrap_truncated: bool = False, temperature: float = 1.0):
         if actor.ps is not critic.ps:
             raise ValueError("actor and critic must share one ParallelState (colocated on the same groups)")
         if not critic.cfg.model.value_head:
@@ -158,13 +164,15 @@ class PPOTrainer:
         self.ps = actor.ps
         self.recompute_logprobs = recompute_logprobs
         self.bootstrap_truncated = bootstrap_truncated
+        self.temperature = temperature
         self.updates: list = []  # per optimizer step: {"actor": metrics, "critic": metrics} of the last step() call
 
     # ------------------------------------------------------------------ forward-only passes
     def policy_logprobs(self, batch: dict, chunks: Optional[list] = None) -> Optional[torch.Tensor]:
         """``log pi(labels_BS)`` ``[B, S]`` of the actor (or of other policy ``chunks`` on its groups, e.g.
         the reference), micro-batched like the actor's training steps (last stage; None elsewhere)."""
-        return self.actor.forward(batch, lambda logits, mb: vocab_parallel_log_probs(logits, mb["labels_BS"], self.ps), chunks)
+        return self.actor.forward(batch, lambda logits, mb: vocab_parallel_log_probs(tempered(logits, self.temperature), mb["labels_BS"],
+                                                                                     self.ps), chunks)
 
     def critic_values(self, batch: dict) -> Optional[torch.Tensor]:
         return critic_values(self.critic, batch)
@@ -194,6 +202,9 @@ class PPOTrainer:
             adv = compute_advantages(rewards_BS, batch["old_values_BS"], mask_BS, self.cfg, truncated_B, self.ps.group("dp"),
                                      values_after_B)
             batch["advantages_BS"], batch["returns_BS"] = adv.advantages_BS.float(), adv.returns_BS.float()
+            lam = all_reduce_no_grad(torch.stack([adv.lambda_policy_B.sum(), torch.tensor(float(len(adv.lambda_policy_B)), dtype=torch.float64)]),
+                                     self.ps.group("dp")).tolist()
+            metrics["rollout/lambda_policy"] = lam[0] / max(lam[1], 1.0)  # mean over the global batch's rows
             metrics["critic/explained_variance_before"] = explained_variance(batch["old_values_BS"], batch["returns_BS"], mask_BS,
                                                                              self.ps.group("dp"))
         else:  # earlier pipeline stages never read them; keep the keys so micro-batches split alike
@@ -205,7 +216,7 @@ class PPOTrainer:
 
     # ------------------------------------------------------------------ updates
     def actor_update(self, batch: dict) -> dict:
-        return self.actor.train_step(batch, actor_loss_spec(self.cfg))
+        return self.actor.train_step(batch, actor_loss_spec(self.cfg, self.temperature))
 
     def critic_update(self, batch: dict, clip: Optional[float]) -> dict:
         return self.critic.train_step(batch, critic_loss_spec(clip, self.cfg.loss_agg))

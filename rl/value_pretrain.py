@@ -15,7 +15,10 @@ The reported ``value_loss`` and ``explained_variance`` (``1 - Var[R - V] / Var[R
 measured on the step's fresh batch *before* the critic trains on it: a held-out
 estimate. Stopping rule: after ``max_steps`` steps, or once neither the value loss has
 dropped below its best by more than ``min_delta`` nor the explained variance risen above
-its best by more than ``min_delta`` for ``patience`` consecutive steps.
+its best by more than ``min_delta`` for ``patience`` consecutive steps. A batch whose
+returns are all equal (e.g. every response wrong) still trains the critic towards that
+value, but its explained variance is undefined: it is reported as None (null in the
+metrics file) and does not count for the stopping rule.
 """
 from __future__ import annotations
 
@@ -48,12 +51,12 @@ class PlateauStopper:
             raise ConfigError(f"value pretraining: patience={self.patience} must be >= 1 and min_delta={self.min_delta} >= 0 "
                               "(rl.value_pretrain_patience / rl.value_pretrain_min_delta)")
 
-    def update(self, value_loss: float, explained_variance: float) -> bool:
+    def update(self, value_loss: float, explained_variance: Optional[float]) -> bool:
         """Record one step; True when training should stop."""
         improved = False
         if value_loss < self.best_loss - self.min_delta:
             self.best_loss, improved = value_loss, True
-        if math.isfinite(explained_variance) and explained_variance > self.best_ev + self.min_delta:
+        if explained_variance is not None and math.isfinite(explained_variance) and explained_variance > self.best_ev + self.min_delta:
             self.best_ev, improved = explained_variance, True
         self.stale = 0 if improved else self.stale + 1
         return self.stale >= self.patience
@@ -93,6 +96,8 @@ def value_pretrain(
         else:  # earlier stages only forward activations
             batch["old_values_BS"] = batch["returns_BS"] = batch["mask_BS"].float() * 0
         metrics = critic.train_step(batch, critic_loss_spec(None, cfg.loss_agg))
+        if not math.isfinite(metrics.get("explained_variance", 0.0)):
+            metrics["explained_variance"] = None  # constant returns: 1 - Var[R - V] / Var[R] is 0 / 0
         metrics["step"] = step
         history.append(metrics)
         if log is not None:

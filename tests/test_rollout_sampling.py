@@ -49,13 +49,16 @@ def test_filter_keeps_the_token_crossing_top_p():
     assert torch.isfinite(filter_logits(logits, 2, 1.0)).tolist() == [[True, True, False, False]]
 
 
-def test_greedy_is_argmax_and_log_probs_are_unfiltered_temperature_one():
+def test_greedy_is_argmax_and_log_probs_are_unfiltered_at_the_sampling_temperature():
     logits = torch.randn(5, 16, generator=torch.Generator().manual_seed(0))
     tokens, lp = sample(logits, SamplingParams(temperature=0.0), [], PS)
     assert tokens.tolist() == logits.argmax(-1).tolist()
+    torch.testing.assert_close(lp, torch.log_softmax(logits, -1).gather(1, tokens[:, None]).squeeze(1))
     gens = row_generators(range(5))
     tokens, lp = sample(logits, SamplingParams(temperature=0.3, top_k=2, top_p=0.5), gens, PS)
-    torch.testing.assert_close(lp, torch.log_softmax(logits, -1).gather(1, tokens[:, None]).squeeze(1))
+    torch.testing.assert_close(lp, torch.log_softmax(logits / 0.3, -1).gather(1, tokens[:, None]).squeeze(1))
+    # not the temperature-1 log-prob: a ratio against it would not start at 1
+    assert (lp - torch.log_softmax(logits, -1).gather(1, tokens[:, None]).squeeze(1)).abs().max() > 0.1
 
 
 def test_same_seed_same_draws_per_row():

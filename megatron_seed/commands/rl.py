@@ -151,7 +151,7 @@ def rl_main(cfg, prompts_path, num_tasks: int, resume: bool) -> int:
         engine.sync_weights_from(full_state_dict(actor.chunks, ps))
     else:
         engine = RolloutEngine(actor.chunks, ps, cfg.rollout, tokenizer=tokenizer, seed=cfg.train.seed + start)
-    ppo = PPOTrainer(actor, critic, r, reference=reference, recompute_logprobs=external)
+    ppo = PPOTrainer(actor, critic, r, reference=reference, recompute_logprobs=external, temperature=cfg.rollout.temperature)
     logger = MetricsLogger(os.path.join(save_dir, "metrics.jsonl"), enabled=actor.is_logging_rank)
 
     def rollout_batch() -> tuple:

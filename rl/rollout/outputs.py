@@ -24,8 +24,8 @@ class RolloutBatch:
       trainer's forward so it sees exactly what the sampler saw.
     * ``response_mask_BS``: the sampled tokens (including the stop token that ended a row).
     * ``log_probs_BS``: at response positions, ``log pi(token_s | tokens_<s)`` under the
-      unfiltered temperature-1 policy (what ``vocab_parallel_log_probs`` recomputes from the
-      logits at position ``s - 1``); 0 elsewhere.
+      unfiltered policy at the sampling temperature (what ``vocab_parallel_log_probs`` recomputes from the
+      tempered logits at position ``s - 1``); 0 elsewhere.
     * ``values_BS``: with a critic, ``V(state before token s)`` = the critic's output at
       position ``s - 1``, at response positions; 0 elsewhere. None without a critic.
     * ``prompt_index_B``: which input prompt each row continues (rows of one prompt are

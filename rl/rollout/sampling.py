@@ -26,12 +26,15 @@ each rank scores its shard with its slice of the noise and
 ``top_k`` / ``top_p`` need the global ranking of probabilities, so they all-gather the
 logits over tp (``B x V_full`` floats per step).
 
-Behaviour log-probs: :func:`sample` also returns ``log softmax(logits)[token]`` of the
-*unfiltered, temperature-1* policy, computed with :func:`vocab_parallel_log_probs`
-(without tp: ``log_softmax``, the same max-shifted formula in one op, equal to fp32 rounding),
-what the trainer recomputes from the same weights and tokens, so the PPO ratio
-``exp(logp_new - logp_old)`` starts at 1. (The probability the token was actually drawn
-with, after temperature and filtering, is a different number; the trainer never sees it.)
+Behaviour log-probs: :func:`sample` also returns ``log softmax(logits / T)[token]`` of the
+*unfiltered* policy at the sampling temperature ``T`` (``T = 1`` when greedy), the
+distribution the token was drawn from before top-k / top-p, computed with
+:func:`vocab_parallel_log_probs` (without tp: ``log_softmax``, the same max-shifted
+formula in one op, equal to fp32 rounding). The trainer recomputes the same number from
+the same weights, tokens and temperature (:func:`tempered`), so the PPO ratio
+``exp(logp_new - logp_old)`` starts at 1 and measures the policy that generated the data.
+(Top-k / top-p filtering is left out, as in verl and OpenRLHF: it would make the
+log-prob of a token the filter dropped after an update ``-inf``.)
 """
 from __future__ import annotations
 
@@ -98,6 +101,11 @@ def exponential_noise(generators: Sequence[torch.Generator], vocab_size: int, de
     return torch.stack(rows).log_().neg_()
 
 
+def tempered(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``logits / T``: the logits of the policy tokens are sampled from (``T = 0``, greedy, counts as 1)."""
+    return logits if temperature in (0.0, 1.0) else logits / temperature
+
+
 def filter_logits(logits_BV: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
     """Full-vocabulary logits with the tokens outside top-k / top-p set to ``-inf``."""
     if top_k > 0 and top_k < logits_BV.shape[-1]:
@@ -119,7 +127,7 @@ def sample(
     generators: Sequence[torch.Generator],
     ps: ParallelState,
 ) -> tuple:
-    """Draw one token per row: ``(tokens_B int64, behaviour_log_probs_B fp32)``.
+    """Draw one token per row: ``(tokens_B int64, behaviour_log_probs_B fp32)`` (at the temperature).
 
     ``logits_BV`` is this rank's vocabulary shard (all of it without tp); every tp rank
     returns the same tokens. ``generators`` (one per row) are only used when sampling.
@@ -140,6 +148,7 @@ def sample(
         start = ps.tp_rank * local_vocab
         scores_BV = logits_BV / params.temperature + noise_BV[:, start:start + local_vocab]
         tokens_B = vocab_parallel_argmax(scores_BV, ps)
+    logits_BV = tempered(logits_BV, params.temperature)
     if ps.tp_size == 1:  # one op and one [B, V] temporary instead of ~10 ops and three (-0.08 ms a step at B=16, V=4096)
         log_probs_B = logits_BV.log_softmax(dim=-1).gather(-1, tokens_B.unsqueeze(1)).squeeze(1)
     else:
