@@ -1,12 +1,13 @@
 """Procedural verifiable tasks: problems with reference answers, unit tests and worked solutions.
 
-Five families, each a function ``(rng, difficulty) -> Problem`` with ``difficulty`` in
+Six families, each a function ``(rng, difficulty) -> Problem`` with ``difficulty`` in
 1..5 (the knob: more digits and operands, larger coefficients, longer lists, harder
 programs with bigger test inputs):
 
 - ``arithmetic`` (math): chains of + and - of multi-digit numbers, or a long
   multiplication, worked step by step.
 - ``addition`` (math): ``a + b`` of a (d+1)-digit and a d-digit number, one worked line.
+- ``largest`` (math): the largest of 2 + d two-digit numbers.
 - ``linear_equation`` (math): ``a*x + b = c`` or ``a*x + b = d*x + e`` with an integer root.
 - ``string_task`` (puzzle): sort words or numbers, count a letter, reverse a word.
 - ``program`` (code): a small stdin/stdout program (sum, max, reverse, fizzbuzz, ...)
@@ -107,6 +108,16 @@ def addition(rng: random.Random, difficulty: int) -> Problem:
     b = rng.randint(10 ** (difficulty - 1), 10**difficulty - 1)
     solution = f"{a} + {b} = {a + b}. The answer is {a + b}."
     return Problem("addition", "math", f"What is {a} + {b}?", solution, str(a + b), difficulty=difficulty)
+
+
+def largest(rng: random.Random, difficulty: int) -> Problem:
+    """The largest of ``2 + d`` distinct 2-digit numbers, worked by comparing it with each other one."""
+    _check_difficulty(difficulty)
+    values = rng.sample(range(10, 100), 2 + difficulty)
+    best = max(values)
+    listed = ", ".join(map(str, values))
+    solution = " ".join(f"{best} > {v}." for v in values if v != best) + f" The answer is {best}."
+    return Problem("largest", "math", f"Which number is the largest: {listed}?", solution, str(best), difficulty=difficulty)
 
 
 def _signed(v: int) -> str:
@@ -349,6 +360,7 @@ def verify(rng: random.Random, difficulty: int) -> Problem:
 
 GENERATORS: dict = {
     "addition": addition,
+    "largest": largest,
     "arithmetic": arithmetic,
     "linear_equation": linear_equation,
     "string_task": string_task,
