@@ -180,6 +180,7 @@ class RLConfig:
     value_pretrain_patience: int = 5  # steps without improvement of value loss or explained variance
     value_pretrain_min_delta: float = 1e-3  # smallest change that counts as an improvement
     overlong_penalty: float = 0.0
+    filter_zero_variance: bool = False  # DAPO dynamic sampling: groups whose n rewards are all equal are left out of the update
     adaptation_rule: str = "learnability"  # learnability | reward | uniform
     adaptation_min_weight: float = 0.05
     adaptation_max_weight: float = 0.8

@@ -35,8 +35,8 @@ def test_behaviour_log_probs_are_those_of_the_tempered_policy_the_trainer_recomp
     rollout = engine.generate(PROMPTS, n=2)
     batch = from_rollout(rollout, [1.0, 0.0] * 3, [True, False] * 3)
     mask = batch["mask_BS"]
-    tempered = PPOTrainer(actor, critic, cfg.rl, temperature=temperature).policy_logprobs(actor, batch)
-    untempered = PPOTrainer(actor, critic, cfg.rl).policy_logprobs(actor, batch)
+    tempered = PPOTrainer(actor, critic, cfg.rl, temperature=temperature).policy_logprobs(batch)
+    untempered = PPOTrainer(actor, critic, cfg.rl).policy_logprobs(batch)
     old = batch["old_logprobs_BS"]
     assert ((tempered - old)[mask].norm() / old[mask].norm()).item() <= 1e-5  # the first PPO ratio is 1
     assert ((untempered - old)[mask].norm() / old[mask].norm()).item() > 1e-2  # at T=1 it would not be
