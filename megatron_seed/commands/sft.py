@@ -55,9 +55,7 @@ def sft_main(cfg) -> int:
         raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size}; fix: raise model.vocab_size")
     sft = SFT(cfg, ps, tokenizer, sft_conversations(cfg))
     if cfg.train.load_dir:  # weights only: the SFT optimizer and schedule start fresh
-        _, state = checkpoint.load_checkpoint(cfg.train.load_dir, ps.rank, sft.trainer.layout_record())
-        for model, weights in zip(sft.trainer.chunks, state["model"]):
-            model.load_state_dict(weights)
+        checkpoint.load_model_weights(sft.trainer.chunks, ps, cfg.train.load_dir)
         sft.trainer.optimizer.sync_master_from_params()
     logger = MetricsLogger(os.path.join(cfg.train.save_dir, "metrics.jsonl"), enabled=sft.trainer.is_logging_rank)
     try:
