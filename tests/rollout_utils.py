@@ -4,6 +4,7 @@ import torch
 from megatron_seed.model.gpt import GPTModel
 from megatron_seed.parallel.state import ParallelState
 from megatron_seed.parallel.tensor_parallel import vocab_parallel_log_probs
+from rl.rollout.sampling import tempered
 from tests.model_utils import tiny_model
 
 SEED = 7
@@ -36,9 +37,9 @@ def stop_token_for(model: GPTModel, prompt: list, step: int, max_new: int) -> in
 
 
 @torch.no_grad()
-def trainer_log_probs(model: GPTModel, batch, ps: ParallelState) -> torch.Tensor:
-    """What the PPO trainer recomputes: log p(token_s) from the full-sequence logits at s - 1."""
-    logits = model(batch.tokens_BS, position_ids_BS=batch.position_ids_BS, padding_mask_BS=batch.attention_mask_BS)
+def trainer_log_probs(model: GPTModel, batch, ps: ParallelState, temperature: float = 1.0) -> torch.Tensor:
+    """What the PPO trainer recomputes: log p(token_s) from the full-sequence logits at s - 1, at the sampling temperature."""
+    logits = tempered(model(batch.tokens_BS, position_ids_BS=batch.position_ids_BS, padding_mask_BS=batch.attention_mask_BS), temperature)
     lp = torch.zeros(batch.tokens_BS.shape)
     lp[:, 1:] = vocab_parallel_log_probs(logits[:, :-1], batch.tokens_BS[:, 1:], ps)
     return lp

@@ -64,7 +64,7 @@ def test_compile_without_a_cpp_compiler_warns_and_decodes_eagerly(monkeypatch):
 def test_sampled_log_probs_equal_trainer_recompute():
     model = single_model()
     out = engine(model, [1]).generate(PROMPTS, n=3, sampling=SAMPLED, max_new_tokens=12)
-    recomputed = trainer_log_probs(model, out, ParallelState.single())
+    recomputed = trainer_log_probs(model, out, ParallelState.single(), SAMPLED.temperature)
     mask = out.response_mask_BS
     assert_close_rel(out.log_probs_BS[mask], recomputed[mask], 1e-5, "log-probs")
     assert (out.log_probs_BS[~mask] == 0).all()

@@ -68,7 +68,7 @@ def _ep_worker(rank: int, world: int) -> bool:
     out = _engine(model, ps, stop, kv_cache_budget_mb=budget).generate(mine, n=2, sampling=GREEDY, max_new_tokens=MAX_NEW)
     assert out.responses() == [greedy_reference(single, p, MAX_NEW, stop) for p in mine for _ in range(2)]
     sampled = _engine(model, ps, stop).generate(mine, n=2, sampling=SAMPLING[1], max_new_tokens=MAX_NEW + rank * 4)
-    _assert_rel(sampled.log_probs_BS, trainer_log_probs(model, sampled, ps), sampled.response_mask_BS)
+    _assert_rel(sampled.log_probs_BS, trainer_log_probs(model, sampled, ps, SAMPLING[1].temperature), sampled.response_mask_BS)
     return True
 
 

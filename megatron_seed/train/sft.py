@@ -3,7 +3,7 @@
 The ``sft`` config section says what to train on and how long: ``sft.data`` (a
 ``{"messages": [...]}`` JSONL file, :func:`data.sft.iter_conversations`) or, when it is
 None, ``sft.examples`` generated worked solutions of the ``data.task_families`` tasks
-(:func:`data.tasks.generate_sft`); ``sft.steps`` optimizer steps at ``sft.lr`` (linear
+(:func:`data.tasks.generate_sft`, seed ``train.seed + 2``: RL prompts use ``train.seed``, the held-out set ``+ 1``); ``sft.steps`` optimizer steps at ``sft.lr`` (linear
 warm-up over ``sft.warmup_steps``, cosine decay to ``sft.lr / 10``) on
 ``train.global_batch_size`` rows of ``train.seq_len`` tokens a step. Conversations are
 packed several to a row (:func:`data.sft.build_sft_batches`); attention and positions
@@ -62,7 +62,7 @@ def sft_conversations(cfg: Config, exclude_prompts: Sequence[str] = ()) -> list:
     else:
         from data.tasks import generate_sft
 
-        conversations = generate_sft(s.examples, seed=cfg.train.seed + 1, families=cfg.data.task_families,
+        conversations = generate_sft(s.examples, seed=cfg.train.seed + 2, families=cfg.data.task_families,
                                      difficulty=tuple(cfg.data.task_difficulty))
     held_out = set(exclude_prompts)
     kept = [c for c in conversations if not any(m["role"] == "user" and m["content"] in held_out for m in c)]
