@@ -9,8 +9,8 @@ correct only when
   spaces trimmed) equals the reference exactly, character for character;
 * the record has ``unit_tests`` (code): the program (the last fenced code block, else
   the whole response) run in the sandbox prints exactly each ``{"input", "output"}``
-  test's expected stdout (byte for byte), and exits 0 with each ``{"assert"}`` test's
-  code appended; every test must pass.
+  test's expected stdout (byte for byte), and runs each ``{"assert"}`` test's code to
+  completion (the sandbox's call-case driver); every test must pass.
 
 Per domain ``d`` over its ``N_d`` prompts, with ``k = rl.eval_samples`` samples each at
 the rollout temperature::
@@ -37,7 +37,7 @@ from megatron_seed.config import ConfigError
 from megatron_seed.parallel.state import ParallelState
 from rl.experience import render_prompts, response_texts
 from rl.rewards.code_reward import extract_code
-from rl.rewards.sandbox import Sandbox
+from rl.rewards.sandbox import Case, Sandbox
 from rl.rollout.engine import RolloutEngine, local_prompts
 from rl.rollout.sampling import SamplingParams
 
@@ -65,7 +65,7 @@ def ground_truth_correct(record, response: str, sandbox: Optional[Sandbox] = Non
     if sandbox is None:
         raise ConfigError(f"held-out record {record.id}: code tasks need a sandbox; pass sandbox=Sandbox()")
     program = extract_code(response)
-    cases = [(t.get("input", ""), "\n" + t["assert"] if "assert" in t else "") for t in record.unit_tests]
+    cases = [Case(t.get("input", ""), test=t["assert"]) if "assert" in t else Case(t.get("input", "")) for t in record.unit_tests]
     for i, (test, run) in enumerate(zip(record.unit_tests, sandbox.run_cases(program, cases))):
         passed = run.ok and ("assert" in test or run.stdout == test["output"])
         if not passed:
