@@ -505,6 +505,15 @@ def validate_config(cfg: Config) -> None:
         f"train.global_batch_size={t.global_batch_size} is not divisible by train.micro_batch_size={t.micro_batch_size}",
     )
     _one_of("train.dtype", t.dtype, ("auto", "float32", "bfloat16"))
+    p = cfg.parallel
+    if p.cp > 1:  # context parallel cuts each sequence into 2 cp chunks, each split again over tp
+        multiple = 2 * p.cp * p.tp
+        _require(t.seq_len % multiple == 0,
+                 f"train.seq_len={t.seq_len} is not divisible by 2 x parallel.cp={p.cp} x parallel.tp={p.tp} = {multiple}; "
+                 f"fix: make train.seq_len a multiple of {multiple} or change parallel.cp")
+        _require(cfg.rl.loss_agg == "token",
+                 f"rl.loss_agg={cfg.rl.loss_agg!r} with parallel.cp={p.cp}: the sequence mean needs each whole response on "
+                 "one rank; fix: rl.loss_agg=token (Seed's token-level loss) or parallel.cp=1")
     r = cfg.rl
     _require(0 <= r.gamma <= 1, f"rl.gamma={r.gamma}: must be in [0, 1]")
     for name in ("lambda_value", "lambda_policy"):

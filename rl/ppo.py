@@ -33,6 +33,7 @@ from typing import Callable, Optional
 import torch
 
 from megatron_seed.config import Config, ConfigError, RLConfig
+from megatron_seed.parallel import context_parallel
 from megatron_seed.parallel.mappings import all_reduce_no_grad
 from megatron_seed.parallel.state import ParallelState
 from megatron_seed.parallel.tensor_parallel import vocab_parallel_entropy, vocab_parallel_log_probs
@@ -182,7 +183,7 @@ class PPOTrainer:
         check_experience(batch)
         if self.bootstrap_truncated:  # the critic's value after the last token needs one more position
             batch = append_bootstrap_column(batch)
-        batch = pad_columns(batch, self.ps.tp_size)
+        batch = pad_columns(batch, context_parallel.sequence_multiple(self.ps))
         filled = {}
         if self.recompute_logprobs or "old_logprobs_BS" not in batch:
             filled["old_logprobs_BS"] = self.policy_logprobs(batch)

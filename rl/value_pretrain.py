@@ -30,6 +30,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from megatron_seed.config import ConfigError, RLConfig
+from megatron_seed.parallel import context_parallel
 from megatron_seed.train.trainer import Trainer
 from rl.advantage import compute_advantages, place_terminal_reward
 from rl.experience import check_experience, from_rollout, pad_columns, sample_and_score
@@ -87,7 +88,7 @@ def value_pretrain(
     stopper = PlateauStopper(cfg.value_pretrain_patience, cfg.value_pretrain_min_delta)
     history: list = []
     for step in range(cfg.value_pretrain_steps if max_steps is None else max_steps):
-        batch = pad_columns(sampler(step), ps.tp_size)
+        batch = pad_columns(sampler(step), context_parallel.sequence_multiple(ps))
         check_experience(batch)
         values_BS = critic_values(critic, batch)
         if ps.is_last_stage:

@@ -7,6 +7,9 @@ Tensor parallel: query heads split over tp. kv heads split too when tp divides
 them; when tp exceeds them, each rank keeps the full (replicated) k/v weights and
 computes only the kv head its query heads use (rank r uses kv head r * K_total // tp);
 the replicated weights are marked ``partial_tp_grad`` so their gradients are summed over tp.
+
+Context parallel: the mask is a :class:`~megatron_seed.parallel.context_parallel.ContextParallelMask`
+and the local queries attend over K/V all-gathered along the sequence (see that module).
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ from torch import nn
 
 from megatron_seed.config import ModelConfig
 from megatron_seed.model.layers import RMSNorm, apply_rotary, rms_norm
+from megatron_seed.parallel import context_parallel
 from megatron_seed.parallel.sharding import set_sharding
 from megatron_seed.parallel.state import ParallelState
 from megatron_seed.parallel.tensor_parallel import ColumnParallelLinear, RowParallelLinear
@@ -243,6 +247,13 @@ class Attention(nn.Module):
     def _attention(self, q_BSND, k_BSKD, v_BSKD, mask: Optional[torch.Tensor], cache: Optional[KVCache]) -> torch.Tensor:
         B, S = q_BSND.shape[:2]
         q_BNSD, k_BKSD, v_BKSD = q_BSND.transpose(1, 2), k_BSKD.transpose(1, 2), v_BSKD.transpose(1, 2)
+        if isinstance(mask, context_parallel.ContextParallelMask):  # this rank's share of the sequence
+            k_BKSD, v_BKSD = context_parallel.gather_kv(k_BKSD, v_BKSD, mask)  # the whole sequence's, in order
+            if cache is not None:  # a prefill (cache empty): every cp rank keeps all of it for the decode
+                cache.k[self.layer_id][:, :, :, :k_BKSD.shape[2]] = k_BKSD.transpose(-1, -2)
+                cache.v[self.layer_id][:, :, :v_BKSD.shape[2]] = v_BKSD
+            out_BNSD = context_parallel.attention(q_BNSD, k_BKSD, v_BKSD, mask, enable_gqa=self.num_heads != self.num_kv_heads)
+            return out_BNSD.transpose(1, 2).reshape(B, S, self.num_heads * self.head_dim)
         if cache is not None:
             start, end = cache.length, cache.length + S
             cache.k[self.layer_id][:, :, :, start:end] = k_BKSD.transpose(-1, -2)

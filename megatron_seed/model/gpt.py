@@ -23,6 +23,7 @@ from torch import nn
 from megatron_seed.config import ModelConfig
 from megatron_seed.model.attention import Attention, KVCache, build_attention_mask
 from megatron_seed.model.layers import RMSNorm, SwiGLUMLP, rotary_cos_sin
+from megatron_seed.parallel import context_parallel
 from megatron_seed.parallel.mappings import gather_from_sequence_parallel_region
 from megatron_seed.parallel.sharding import init_parameters, set_sharding
 from megatron_seed.parallel.state import ParallelState
@@ -133,7 +134,11 @@ class GPTModel(nn.Module):
         sharded under sequence parallel) on the others. ``position_ids_BS`` default to
         0..S-1 (continuing from the cache); ``doc_ids_BS`` keeps attention inside packed
         documents; ``padding_mask_BS`` (True = real token) hides padding from attention and from
-        the MoE balancing statistics. ``advance_cache=False`` leaves the cache's cursor for the
+        the MoE balancing statistics. Under context parallelism the ``_BS`` inputs of a training forward
+        or a prefill are this rank's share of the sequence
+        (:func:`~megatron_seed.parallel.context_parallel.is_sharded_forward`); decode steps are
+        replicated over cp.
+        ``advance_cache=False`` leaves the cache's cursor for the
         caller to move (``kv_cache.advance(S)``): a compiled decode step must not update the
         cursor's Python int, or torch.compile would trace the step again for every value.
         """
@@ -143,18 +148,27 @@ class GPTModel(nn.Module):
         else:
             B, S = hidden_BSH.shape[0], hidden_BSH.shape[1] * (self.ps.tp_size if self.ps.sequence_parallel else 1)
             device = hidden_BSH.device
-        if position_ids_BS is None:
-            start = kv_cache.length if kv_cache is not None else 0
-            position_ids_BS = torch.arange(start, start + S, device=device).expand(B, S)
+        cache_S, cache_padding_BS = S, padding_mask_BS  # the slots this forward fills
+        if context_parallel.is_sharded_forward(self.ps, S, kv_cache):  # S is this rank's share of the sequence
+            if position_ids_BS is None:
+                position_ids_BS = context_parallel.local_positions(S, self.ps, device).expand(B, S)
+            mask = context_parallel.build_mask(S, self.ps, device, padding_mask_BS, doc_ids_BS)
+            if kv_cache is not None:  # a prefill: every cp rank caches the whole prompt
+                cache_S = S * self.ps.layout.cp
+                cache_padding_BS = context_parallel.gather_sequence(padding_mask_BS, self.ps) if padding_mask_BS is not None else None
+        else:
+            if position_ids_BS is None:
+                start = kv_cache.length if kv_cache is not None else 0
+                position_ids_BS = torch.arange(start, start + S, device=device).expand(B, S)
+            mask = build_attention_mask(S, device, padding_mask_BS, doc_ids_BS, kv_cache)
         cos_sin = rotary_cos_sin(position_ids_BS, self.cfg.head_dim, self.cfg.rope_theta)
-        mask = build_attention_mask(S, device, padding_mask_BS, doc_ids_BS, kv_cache)
         if kv_cache is not None:
-            kv_cache.open_slots(S, padding_mask_BS)
+            kv_cache.open_slots(cache_S, cache_padding_BS)
         x_BSH = self.embed_tokens(input_ids_BS) if self.pre_process else hidden_BSH
         for layer in self.layers.values():
             x_BSH = layer(x_BSH, cos_sin, mask, kv_cache, padding_mask_BS)
         if kv_cache is not None and advance_cache:
-            kv_cache.advance(S)
+            kv_cache.advance(cache_S)
         if not self.post_process:
             return x_BSH
         h_BSH = self.norm(x_BSH)

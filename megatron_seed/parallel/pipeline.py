@@ -23,10 +23,11 @@ Schedules (Megatron-core's ``schedules.py``), ``M`` micro-batches, ``P`` stages,
   global stage ``v * P + r``; forwards run in groups of ``P`` micro-batches per chunk,
   warm-up ``(P - r - 1) * 2 + (V - 1) * P`` steps. Needs ``M % P == 0``.
 
-Activations ``[B, S/tp if sequence parallel else S, H]`` and their gradients move
-between neighbouring stages over the pp group with ``isend``/``irecv``; the last rank's
-"next" is rank 0 (interleaved chunks wrap around). Activations use tag 0, gradients
-tag 1, so the two streams never mix when both neighbours are the same rank (pp=2).
+Activations ``[B, S/tp if sequence parallel else S, H]`` (``S`` this rank's share under
+context parallelism) and their gradients move between neighbouring stages over the pp
+group with ``isend``/``irecv``; the last rank's "next" is rank 0 (interleaved chunks wrap
+around). Activations use tag 0, gradients tag 1, so the two streams never mix when both
+neighbours are the same rank (pp=2).
 
 MoE aux losses ride on the activations (``AuxLossAutoScaler``), so every stage's backward
 through its output brings their gradients in; no loss is sent between stages.

@@ -6,8 +6,8 @@ pretraining and the pairwise reward model.
 
 1. the batch is cut into ``train.micro_batch_size``-row micro-batches;
 2. ``spec.units(mb)`` counts what the loss is normalised by (tokens, positive tokens,
-   sequences, pairs); the counts are summed over the micro-batches and the ``dp_cp``
-   ranks into the step's global totals ``N``;
+   sequences, pairs); the counts are summed over the micro-batches and the ``dp``
+   ranks into the step's global totals ``N`` (cp ranks hold the same sequences, see below);
 3. ``spec.build(N, ps)`` gives the micro-batch loss ``loss_fn(output, mb) -> (loss, shares)``:
    ``loss`` is the micro-batch's share of the global loss (e.g. ``sum of NLL / N_tok``), so
    summing the micro-batch gradients and all-reducing them with SUM over ``dp_cp`` (what
@@ -25,6 +25,12 @@ log-probs, critic values, reward-model scores). Language-model micro-batch keys:
 ``input_ids_BS``, ``labels_BS``, ``loss_mask_BS`` (float), optionally
 ``position_ids_BS``, ``doc_ids_BS`` (packing) and ``padding_mask_BS``.
 
+Context parallelism: every cp rank is given the same whole sequences. The units are
+counted on them and summed over ``dp`` only (a sequence or pair counts once, not once per
+rank holding part of it); :meth:`Trainer.cut_for_cp` then cuts each micro-batch to the
+rank's share, whose loss shares are summed over ``dp_cp`` as above
+(:mod:`megatron_seed.parallel.context_parallel`).
+
 A NaN/Inf loss or gradient norm stops the run before the update, saying at which
 step; the last checkpoint written stays the latest.
 """
@@ -41,6 +47,7 @@ import torch.distributed as dist
 
 from megatron_seed.config import Config, ConfigError
 from megatron_seed.model.build import build_model_chunks
+from megatron_seed.parallel import context_parallel
 from megatron_seed.parallel.mappings import reduce_scalars
 from megatron_seed.parallel.pipeline import forward_backward
 from megatron_seed.parallel.state import ParallelState
@@ -130,8 +137,6 @@ class Trainer:
     """Owns the model chunks, optimizer and step counter of one rank."""
 
     def __init__(self, cfg: Config, ps: ParallelState, chunks: Optional[list] = None):
-        if cfg.parallel.cp > 1:
-            raise ConfigError("parallel.cp > 1: context parallelism is not implemented yet; fix: set parallel.cp=1")
         self.cfg, self.ps = cfg, ps
         torch.manual_seed(cfg.train.seed)
         self.chunks = chunks if chunks is not None else build_model_chunks(cfg.model, cfg.parallel, ps, cfg.train.seed)
@@ -163,9 +168,10 @@ class Trainer:
         Returns (on every rank) ``loss`` (the global loss), the unit totals, the finalized
         metrics of ``loss``, ``grad_norm``, ``lr`` and the MoE aux loss.
         """
-        microbatches = split_microbatches(batch, self.cfg.train.micro_batch_size)
-        units = sum_shares([loss.units(mb) for mb in microbatches])
-        totals = reduce_sums(units, self.ps.group("dp_cp"), self.ps.device)
+        whole = split_microbatches(batch, self.cfg.train.micro_batch_size)
+        # every cp rank holds the same whole sequences: their units summed over dp are the global totals
+        totals = reduce_sums(sum_shares([loss.units(mb) for mb in whole]), self.ps.group("dp"), self.ps.device)
+        microbatches = self.cut_for_cp(whole)
         loss_fn = loss.build(totals, self.ps)
         losses: list = []
 
@@ -187,6 +193,8 @@ class Trainer:
 
     def forward(self, batch: dict, fn: Callable[[torch.Tensor, dict], torch.Tensor], chunks: Optional[list] = None) -> Optional[torch.Tensor]:
         """``fn(output, mb)`` of every micro-batch without gradients, concatenated along the batch.
+        ``fn`` returns per-token ``[B, S]`` tensors: under context parallelism it sees this
+        rank's share of the sequence and the result comes back whole.
 
         ``chunks``: other model chunks on this trainer's groups (a frozen reference
         policy); default this trainer's. The result lives on the last pipeline stage
@@ -195,11 +203,16 @@ class Trainer:
         chunks = self.chunks if chunks is None else chunks
         for m in chunks:
             m.eval()
-        microbatches = split_microbatches(batch, self.cfg.train.micro_batch_size)
+        microbatches = self.cut_for_cp(split_microbatches(batch, self.cfg.train.micro_batch_size))
         with torch.no_grad(), autocast_context(self.cfg.train.dtype):
             parts = forward_backward(chunks, microbatches, lambda out, mb: (torch.zeros(()), fn(out, mb)), self.ps,
                                      self.cfg.parallel.pp_schedule, forward_only=True)
-        return torch.cat(parts, dim=0) if parts else None
+        return context_parallel.gather_sequence(torch.cat(parts, dim=0), self.ps) if parts else None
+
+    def cut_for_cp(self, microbatches: list) -> list:
+        """Under context parallelism, this rank's share of every sequence of the micro-batches
+        (the one place a step's batch is cut over cp; each rank is given whole sequences)."""
+        return [context_parallel.shard_microbatch(mb, self.ps) for mb in microbatches]
 
     def _from_last_stage(self, metrics: Optional[dict]) -> dict:
         """The last pipeline stage's metrics on every stage (the loss lives there; every rank must stop together)."""

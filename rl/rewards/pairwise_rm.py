@@ -194,6 +194,9 @@ def train_reward_model(trainer: Trainer, model: RewardModel, train: Sequence[Pre
         raise ValueError("train_reward_model: no training pairs")
     if not trainer.cfg.model.value_head:
         raise ConfigError("the reward-model trainer needs model.value_head=true; build its config with rm_trainer_config")
+    if trainer.ps.layout.cp > 1:  # the pair margin reads each response's last token, which only one cp rank holds
+        raise ConfigError(f"reward-model training with parallel.cp={trainer.ps.layout.cp}: preference pairs are short "
+                          "and scored at their last token; fix: train the reward model with parallel.cp=1")
     ps, steps = trainer.ps, trainer.cfg.train.steps
     per_step = trainer.cfg.train.global_batch_size // 2
     local = per_step // ps.dp_size

@@ -23,6 +23,10 @@ Parallel layouts (all dp ranks generate their own prompts, see :func:`local_prom
   (decode steps have ``S = 1``, which cannot be split over tp): the math is the same,
   activations are simply replicated over tp instead of sharded. Prefills are left-padded
   to a multiple of tp so the MoE layer can still split their tokens over tp.
+* cp: each prefill is cut like a training sequence (zig-zag chunks, widths a multiple of
+  ``2 cp tp``) and attends over K/V all-gathered over cp, which every cp rank writes to its
+  cache whole; rank 0 holds the prompt's last position and broadcasts its logits. Decode
+  steps run replicated over cp (every cp rank has the same rows and seeds), as at cp=1.
 * ep (and etp): the token dispatcher's all-to-alls need every rank of the expert group
   in every forward, yet ranks finish their own prompts at different times. Each
   iteration every rank runs exactly one forward (a prefill, a decode step, or a one-token
@@ -74,6 +78,7 @@ import torch.distributed as dist
 from megatron_seed.config import ConfigError, RolloutConfig
 from megatron_seed.model.attention import KVCache
 from megatron_seed.model.gpt import GPTModel
+from megatron_seed.parallel import context_parallel
 from megatron_seed.parallel.state import ParallelState
 from rl.rollout.outputs import FINISH_LENGTH, FINISH_STOP, RolloutBatch, assemble
 from rl.rollout.sampling import SamplingParams, row_generators, row_seed, sample
@@ -159,7 +164,7 @@ class _Chunk:
 
     rows: list  # global row ids still running, in batch order
     prompts: list  # their prompt ids
-    width: int  # prefill columns (longest prompt, rounded up to a multiple of tp)
+    width: int  # prefill columns (longest prompt, rounded up to a multiple of tp, of 2 cp tp under cp)
     generators: list = field(default_factory=list)
     cache: Optional[KVCache] = None
     critic_cache: Optional[KVCache] = None
@@ -335,11 +340,11 @@ class RolloutEngine:
         per_slot = sum(kv_bytes_per_slot(m) for m in self.models)
         budget = int(self.cfg.kv_cache_budget_mb * 2**20) // self.micro_batches
         max_rows = -(-len(row_prompts) // self.micro_batches)
-        tp = self.ps.tp_size
+        multiple = context_parallel.sequence_multiple(self.ps)
         order = sorted(range(len(row_prompts)), key=lambda r: len(row_prompts[r]))
         chunks, current = [], []
         for r in order:
-            width = -(-len(row_prompts[r]) // tp) * tp  # sorted: the newest row is the longest
+            width = -(-len(row_prompts[r]) // multiple) * multiple  # sorted: the newest row is the longest
             per_row = per_slot * (width + max_new)
             if per_row > budget:
                 raise ConfigError(
@@ -357,8 +362,8 @@ class RolloutEngine:
 
     def _new_chunk(self, rows: list, row_prompts: list) -> _Chunk:
         longest = max(len(row_prompts[r]) for r in rows)
-        tp = self.ps.tp_size
-        return _Chunk(rows=list(rows), prompts=[row_prompts[r] for r in rows], width=-(-longest // tp) * tp)
+        multiple = context_parallel.sequence_multiple(self.ps)
+        return _Chunk(rows=list(rows), prompts=[row_prompts[r] for r in rows], width=-(-longest // multiple) * multiple)
 
     # ------------------------------------------------------------------ the loop
     def _anyone_working(self, mine: bool) -> bool:
@@ -384,6 +389,9 @@ class RolloutEngine:
             for cache in (chunk.cache, chunk.critic_cache):
                 if cache is not None:
                     _mark_dynamic_sizes(cache)
+        if context_parallel.is_active(self.ps):  # each cp rank prefills its share; all cache the whole prompt
+            ids_BS, pos_BS = context_parallel.shard_sequence(ids_BS, self.ps), context_parallel.shard_sequence(pos_BS, self.ps)
+            padding = context_parallel.shard_sequence(padding, self.ps) if padding is not None else None
         return self._forward_all(ids_BS.to(self.device), pos_BS.to(self.device), padding, chunk)
 
     def _decode(self, chunk: _Chunk) -> tuple:
@@ -408,9 +416,13 @@ class RolloutEngine:
 
     def _forward_all(self, ids_BS, pos_BS, padding_BS, chunk: _Chunk) -> tuple:
         """Last-position logits ``[b, V/tp]`` and values ``[b]`` (None off the last stage / without critic)."""
+        sharded = context_parallel.is_sharded_forward(self.ps, ids_BS.shape[1], chunk.cache)
         logits = self._forward(self.policy, ids_BS, pos_BS, padding_BS, chunk.cache)
         values = self._forward(self.critic, ids_BS, pos_BS, padding_BS, chunk.critic_cache) if self.critic is not None else None
-        return (logits[:, -1] if logits is not None else None), (values[:, -1] if values is not None else None)
+        outputs = [x[:, -1] if x is not None else None for x in (logits, values)]
+        if sharded:  # a cp prefill: the prompt's last position is on cp rank 0
+            outputs = [context_parallel.last_position(x, self.ps) if x is not None else None for x in outputs]
+        return tuple(outputs)
 
     def _forward(self, model: GPTModel, ids_BS, pos_BS, padding_BS, cache) -> Optional[torch.Tensor]:
         """One forward through every pipeline stage; the output on the last stage, else None."""
