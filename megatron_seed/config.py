@@ -45,8 +45,8 @@ class MoEConfig:
     dispatcher: str = "alltoall"  # alltoall | allgather
     kernel_backend: str = "auto"  # auto | torch | triton | inductor (see moe/kernels/__init__.py)
     router_dtype: str = "float32"
-    # benchmarks and the dry run only: slot a of token t goes to expert (t*A + a) mod E, so every expert gets the same
-    # load (Megatron's moe_router_force_load_balancing); the weights stay the router's scores of those experts
+    # benchmarks and the dry run only: slots go round robin over the ep ranks and experts, so every expert gets the
+    # same load (Megatron's moe_router_force_load_balancing); the weights stay the router's scores of those experts
     router_force_balance: bool = False
 
 
@@ -113,7 +113,10 @@ class TrainConfig:
     adam_beta2: float = 0.95
     adam_eps: float = 1e-8
     grad_clip: float = 1.0
-    dtype: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | float32 | bfloat16
+    # parameters and activations: auto (bf16 on cuda, fp32 elsewhere) | fp32 | bf16. Under bf16 the optimizer keeps
+    # fp32 master weights and Adam moments; router, norms, softmax and log-prob math run in fp32
+    precision: str = "auto"
+    grad_reduce_in_fp32: bool = True  # data-parallel gradient reduction in fp32 (false: in the parameters' dtype)
     log_interval: int = 10
     save_interval: int = 0  # 0 = only at the end
     async_save: bool = False  # interval checkpoints written by a background thread while training goes on
@@ -504,7 +507,7 @@ def validate_config(cfg: Config) -> None:
         t.global_batch_size % t.micro_batch_size == 0,
         f"train.global_batch_size={t.global_batch_size} is not divisible by train.micro_batch_size={t.micro_batch_size}",
     )
-    _one_of("train.dtype", t.dtype, ("auto", "float32", "bfloat16"))
+    _one_of("train.precision", t.precision, ("auto", "fp32", "bf16"))
     p = cfg.parallel
     if p.cp > 1:  # context parallel cuts each sequence into 2 cp chunks, each split again over tp
         multiple = 2 * p.cp * p.tp

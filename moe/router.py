@@ -20,8 +20,9 @@ experts, ``A`` top-k slots.
 * Aux-loss-free balancing (``bias_update_rate > 0``): :meth:`Router.update_expert_bias`
   moves ``bias_e += rate * sign(mean_load - load_e)`` using the loads counted since the
   last update, all-reduced over every group that sees other tokens.
-* Forced balance (``router_force_balance``, benchmarks and the dry run): slot ``a`` of token
-  ``t`` goes to expert ``(t*A + a) mod E`` whatever the scores; weights are those experts' scores.
+* Forced balance (``router_force_balance``, benchmarks and the dry run): every expert and every
+  ep rank gets the same share of the slots whatever the scores (:func:`balanced_experts`);
+  weights are those experts' scores.
 * Capacity (``capacity_factor``): each expert keeps at most ``ceil(cf * T * A / E)`` slots,
   the highest-weighted ones; dropped slots get expert id ``E``.
 
@@ -77,9 +78,12 @@ class Routing:
     z_loss: torch.Tensor  # detached L_z of the micro-batch (0 when off)
 
 
-def balanced_experts(T: int, A: int, E: int, device: torch.device) -> torch.Tensor:
-    """Forced balance: ``experts[t, a] = (t * A + a) mod E`` (distinct within a token since A <= E)."""
-    return (torch.arange(T * A, device=device) % E).view(T, A)
+def balanced_experts(T: int, A: int, E: int, ep: int, device: torch.device) -> torch.Tensor:
+    """Forced balance: slot ``i = t * A + a`` (taken mod E) goes to expert ``(i mod ep) * E/ep + i // ep``,
+    round robin over the ep ranks first, so each rank receives the same number of slots whenever
+    ep divides ``T * A`` (a bijection of ``[0, E)``: a token's A <= E slots get distinct experts)."""
+    i = torch.arange(T * A, device=device) % E
+    return ((i % ep) * (E // ep) + i // ep).view(T, A)
 
 
 def token_groups(ps: ParallelState) -> list:
@@ -135,7 +139,7 @@ class Router(nn.Module):
             logits_TE, self.top_k, cfg.score_function, cfg.norm_topk_prob, bias, cfg.num_groups, cfg.top_groups
         )
         if cfg.router_force_balance:
-            experts_TA = balanced_experts(logits_TE.shape[0], self.top_k, self.num_experts, logits_TE.device)
+            experts_TA = balanced_experts(logits_TE.shape[0], self.top_k, self.num_experts, self.ps.ep_size, logits_TE.device)
             weights_TA = scores_TE.gather(1, experts_TA)
             if cfg.norm_topk_prob:
                 weights_TA = weights_TA / weights_TA.sum(dim=-1, keepdim=True)

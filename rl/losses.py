@@ -35,7 +35,7 @@ from typing import Optional, Sequence
 import torch
 
 from megatron_seed.config import ConfigError, RLConfig
-from megatron_seed.parallel.mappings import all_reduce_no_grad
+from megatron_seed.parallel.mappings import reduce_scalars
 from megatron_seed.parallel.state import Group
 
 AGG_MODES = ("token", "sequence")
@@ -280,8 +280,7 @@ def explained_variance(values_BS: torch.Tensor, returns_BS: torch.Tensor, mask_B
     _check(mask_BS, values_BS=values_BS, returns_BS=returns_BS)
     r = torch.where(mask_BS, returns_BS.detach().double(), 0.0)
     e = torch.where(mask_BS, (returns_BS.detach() - values_BS.detach()).double(), 0.0)
-    sums = torch.stack([mask_BS.sum().double(), r.sum(), (r * r).sum(), e.sum(), (e * e).sum()]).cpu()
-    n, *moments = all_reduce_no_grad(sums, group).tolist()
+    n, *moments = reduce_scalars([mask_BS.sum(), r.sum(), (r * r).sum(), e.sum(), (e * e).sum()], group, device=mask_BS.device)
     return _explained_variance_from_moments(*(m / max(n, 1.0) for m in moments))
 
 

@@ -34,7 +34,7 @@ import torch
 
 from megatron_seed.config import Config, ConfigError, RLConfig
 from megatron_seed.parallel import context_parallel
-from megatron_seed.parallel.mappings import all_reduce_no_grad
+from megatron_seed.parallel.mappings import reduce_scalars
 from megatron_seed.parallel.state import ParallelState
 from megatron_seed.parallel.tensor_parallel import vocab_parallel_entropy, vocab_parallel_log_probs
 from megatron_seed.train.trainer import LossSpec, Trainer
@@ -184,6 +184,7 @@ class PPOTrainer:
         if self.bootstrap_truncated:  # the critic's value after the last token needs one more position
             batch = append_bootstrap_column(batch)
         batch = pad_columns(batch, context_parallel.sequence_multiple(self.ps))
+        batch = {k: v.to(self.ps.device) if torch.is_tensor(v) else v for k, v in batch.items()}  # meets the model's outputs
         filled = {}
         if self.recompute_logprobs or "old_logprobs_BS" not in batch:
             filled["old_logprobs_BS"] = self.policy_logprobs(batch)
@@ -203,13 +204,12 @@ class PPOTrainer:
             adv = compute_advantages(rewards_BS, batch["old_values_BS"], mask_BS, self.cfg, truncated_B, self.ps.group("dp"),
                                      values_after_B)
             batch["advantages_BS"], batch["returns_BS"] = adv.advantages_BS.float(), adv.returns_BS.float()
-            lam = all_reduce_no_grad(torch.stack([adv.lambda_policy_B.sum(), torch.tensor(float(len(adv.lambda_policy_B)), dtype=torch.float64)]),
-                                     self.ps.group("dp")).tolist()
+            lam = reduce_scalars([adv.lambda_policy_B.sum(), len(adv.lambda_policy_B)], self.ps.group("dp"), device=self.ps.device)
             metrics["rollout/lambda_policy"] = lam[0] / max(lam[1], 1.0)  # mean over the global batch's rows
             metrics["critic/explained_variance_before"] = explained_variance(batch["old_values_BS"], batch["returns_BS"], mask_BS,
                                                                              self.ps.group("dp"))
         else:  # earlier pipeline stages never read them; keep the keys so micro-batches split alike
-            zeros = torch.zeros(batch["mask_BS"].shape)
+            zeros = torch.zeros(batch["mask_BS"].shape, device=self.ps.device)
             for key in ("old_logprobs_BS", "old_values_BS", "ref_logprobs_BS", "advantages_BS", "returns_BS"):
                 if batch.get(key) is None and (key != "ref_logprobs_BS" or self.reference is not None):
                     batch[key] = zeros
@@ -243,9 +243,9 @@ class PPOTrainer:
 def rollout_metrics(batch: dict, ps: ParallelState) -> dict:
     """Global-batch means of reward, pass rate, response length and the truncated fraction."""
     lengths = batch["mask_BS"].sum(dim=1).double()
-    sums = torch.stack([torch.tensor(float(lengths.numel()), dtype=torch.float64), batch["rewards_B"].double().sum(),
-                        batch["correct_B"].double().sum(), lengths.sum(), batch["truncated_B"].double().sum()])
-    n, reward, correct, length, truncated = all_reduce_no_grad(sums, ps.group("dp")).tolist()
+    n, reward, correct, length, truncated = reduce_scalars(
+        [lengths.numel(), batch["rewards_B"].sum(), batch["correct_B"].sum(), lengths.sum(), batch["truncated_B"].sum()],
+        ps.group("dp"), device=ps.device)
     n = max(n, 1.0)
     return {"rollout/reward_mean": reward / n, "rollout/pass_rate": correct / n, "rollout/response_length": length / n,
             "rollout/truncated_frac": truncated / n}

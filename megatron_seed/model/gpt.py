@@ -113,9 +113,11 @@ class GPTModel(nn.Module):
                 stack.enter_context(layer.self_attn.fused_projections())
             yield
 
-    def allocate_kv_cache(self, batch: int, capacity: int, dtype: torch.dtype = torch.float32, device: Optional[torch.device] = None) -> KVCache:
+    def allocate_kv_cache(self, batch: int, capacity: int, dtype: Optional[torch.dtype] = None, device: Optional[torch.device] = None) -> KVCache:
+        """A cache for this stage's layers; ``dtype`` and ``device`` default to the parameters'."""
         attn = next(iter(self.layers.values())).self_attn
-        device = device or next(self.parameters()).device
+        param = next(self.parameters())
+        dtype, device = dtype or param.dtype, device or param.device
         return KVCache.allocate(self.layer_ids, batch, attn.num_kv_heads, capacity, attn.head_dim, dtype, device)
 
     def forward(

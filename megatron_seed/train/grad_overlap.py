@@ -24,8 +24,8 @@ import torch.distributed as dist
 
 
 class GradReduceOverlap:
-    def __init__(self, params: list, group: Optional[dist.ProcessGroup], chunk_numel: int):
-        self.params, self.group = params, group
+    def __init__(self, params: list, group: Optional[dist.ProcessGroup], chunk_numel: int, reduce_dtype: torch.dtype = torch.float32):
+        self.params, self.group, self.reduce_dtype = params, group, reduce_dtype
         self.chunks: list = []  # lists of parameter indices, in model order
         current: list = []
         size = 0
@@ -81,7 +81,7 @@ class GradReduceOverlap:
 
     def _launch(self, chunk: int) -> None:
         grads = [self.params[i].grad for i in self.chunks[chunk]]
-        flat = torch.cat([(g if g is not None else torch.zeros_like(self.params[i])).float().reshape(-1)
+        flat = torch.cat([(g if g is not None else torch.zeros_like(self.params[i])).to(self.reduce_dtype).reshape(-1)
                           for g, i in zip(grads, self.chunks[chunk])])
         self.pending.append((flat, dist.all_reduce(flat, group=self.group, async_op=True)))
         self.next_chunk -= 1
@@ -92,7 +92,7 @@ class GradReduceOverlap:
             self._launch(self.next_chunk)
         for _, work in self.pending:
             work.wait()
-        flat = torch.cat([f for f, _ in reversed(self.pending)]) if self.pending else torch.zeros(0, device=self.params[0].device)
+        flat = torch.cat([f for f, _ in reversed(self.pending)]) if self.pending else torch.zeros(0, dtype=self.reduce_dtype, device=self.params[0].device)
         self.pending = []
         self.expected = 0
         return flat

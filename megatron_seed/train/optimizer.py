@@ -8,6 +8,12 @@ With ``overlap_grad_reduce`` the all-reduce runs in chunks that start during the
 step's last backward pass (:mod:`megatron_seed.train.grad_overlap`); the numbers are
 the same.
 
+Mixed precision (``train.precision=bf16``): parameters and their gradients are bf16; the
+master weights and both moments are fp32 and the update is computed in fp32, then rounded
+into the parameters. Gradients are flattened into fp32 before the data-parallel reduction
+(``train.grad_reduce_in_fp32``, Megatron's ``grad_reduce_in_fp32``; false reduces them in
+the parameters' dtype, half the traffic, and converts after).
+
 ZeRO-1 (Megatron's distributed optimizer): the flat buffer is cut into ``size``
 equal contiguous ranges; a rank keeps the fp32 master copy and both Adam moments only
 for its range, updates it, and the updated ranges are all-gathered back into the
@@ -76,12 +82,13 @@ class DistributedOptimizer:
         self.cfg, self.ps, self.zero1 = cfg, ps, zero1
         self.step_count = 0
         params = [p for p in params if p.requires_grad]
+        self.reduce_dtype = torch.float32 if cfg.grad_reduce_in_fp32 or not params else params[0].dtype
         dense = [p for p in params if not get_sharding(p).is_expert]
         expert = [p for p in params if get_sharding(p).is_expert]
         self.buckets = [self._bucket(dense, "dp_cp"), self._bucket(expert, "edp")]
         self.params = params
         self.overlaps = [
-            GradReduceOverlap(b.params, ps.group(b.group_name), bucket_numel)
+            GradReduceOverlap(b.params, ps.group(b.group_name), bucket_numel, self.reduce_dtype)
             if overlap_grad_reduce and ps.size(b.group_name) > 1 and b.params else None
             for b in self.buckets
         ]
@@ -92,10 +99,21 @@ class DistributedOptimizer:
         shard = math.ceil(numel / size) if numel else 0
         start = min(numel, shard * (self.ps.rank_in(group_name) if self.zero1 else 0))
         end = min(numel, start + shard)
-        flat = self._flat([p.detach().float() for p in params], numel)
-        decay = self._flat([torch.full((p.numel(),), 0.0 if p.dim() < 2 else 1.0, device=self.ps.device) for p in params], numel)
-        master = flat[start:end].clone()
-        return _Bucket(params, group_name, start, end, numel, master, torch.zeros_like(master), torch.zeros_like(master), decay[start:end].clone())
+        master = self._range(params, start, end, lambda p, lo, hi: p.detach().reshape(-1)[lo:hi])
+        decay = self._range(params, start, end, lambda p, lo, hi: 0.0 if p.dim() < 2 else 1.0)
+        return _Bucket(params, group_name, start, end, numel, master, torch.zeros_like(master), torch.zeros_like(master), decay)
+
+    def _range(self, params: list, start: int, end: int, values) -> torch.Tensor:
+        """Elements ``[start, end)`` of the parameters' flat fp32 concatenation, filled per parameter
+        with ``values(p, lo, hi)`` (its elements ``[lo, hi)``), never building the whole."""
+        out = torch.empty(end - start, dtype=torch.float32, device=self.ps.device)
+        offset = 0
+        for p in params:
+            lo, hi = max(start, offset), min(end, offset + p.numel())
+            if lo < hi:
+                out[lo - start:hi - start] = values(p, lo - offset, hi - offset)
+            offset += p.numel()
+        return out
 
     def _flat(self, tensors: list, numel: int) -> torch.Tensor:
         return torch.cat([t.reshape(-1) for t in tensors]) if tensors else torch.zeros(numel, device=self.ps.device)
@@ -144,7 +162,7 @@ class DistributedOptimizer:
     def _reduced_flat_grad(self, b: _Bucket, overlap: Optional[GradReduceOverlap]) -> torch.Tensor:
         if overlap is not None and overlap.expected:
             return overlap.finish()
-        grads = [(p.grad if p.grad is not None else torch.zeros_like(p)).float() for p in b.params]
+        grads = [(p.grad if p.grad is not None else torch.zeros_like(p)).to(self.reduce_dtype) for p in b.params]
         flat = self._flat(grads, b.numel)
         group = self.ps.group(b.group_name)
         if self.ps.size(b.group_name) > 1 and flat.numel():
@@ -168,7 +186,7 @@ class DistributedOptimizer:
 
         Raises :class:`NonFiniteGradError` (parameters untouched) on a NaN/Inf norm.
         """
-        flats = [self._reduced_flat_grad(b, overlap) for b, overlap in zip(self.buckets, self.overlaps)]
+        flats = [self._reduced_flat_grad(b, overlap).float() for b, overlap in zip(self.buckets, self.overlaps)]
         self._reduce_partial_tp_grads(flats)
         norm = self._grad_norm(flats)
         if not math.isfinite(norm):
@@ -210,8 +228,7 @@ class DistributedOptimizer:
     def sync_master_from_params(self) -> None:
         """Take the master weights from the parameters (after loading weights only)."""
         for b in self.buckets:
-            flat = self._flat([p.detach().float() for p in b.params], b.numel)
-            b.master.copy_(flat[b.start:b.end])
+            b.master.copy_(self._range(b.params, b.start, b.end, lambda p, lo, hi: p.detach().reshape(-1)[lo:hi]))
 
     def state_tensors(self) -> list:
         """Every tensor the optimizer keeps between steps: master weights, both moments, decay masks."""

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import math
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional
 
@@ -46,7 +45,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_seed.config import Config, ConfigError
-from megatron_seed.model.build import build_model_chunks
+from megatron_seed.model.build import build_model_chunks, param_dtype
 from megatron_seed.parallel import context_parallel
 from megatron_seed.parallel.mappings import reduce_scalars
 from megatron_seed.parallel.pipeline import forward_backward
@@ -126,20 +125,14 @@ def sum_shares(parts: list) -> dict:
     return out
 
 
-def autocast_context(dtype: str):
-    """bf16 autocast on GPU (``auto`` or ``bfloat16``); fp32 on CPU."""
-    if torch.cuda.is_available() and dtype in ("auto", "bfloat16"):
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return nullcontext()
-
-
 class Trainer:
     """Owns the model chunks, optimizer and step counter of one rank."""
 
     def __init__(self, cfg: Config, ps: ParallelState, chunks: Optional[list] = None):
         self.cfg, self.ps = cfg, ps
         torch.manual_seed(cfg.train.seed)
-        self.chunks = chunks if chunks is not None else build_model_chunks(cfg.model, cfg.parallel, ps, cfg.train.seed)
+        self.chunks = chunks if chunks is not None else build_model_chunks(
+            cfg.model, cfg.parallel, ps, cfg.train.seed, param_dtype(cfg.train.precision, ps.device))
         self.optimizer = build_optimizer(self.chunks, cfg.train, ps, cfg.parallel.zero1, cfg.parallel.overlap_grad_reduce)
         self.step = 0
         self._pending_save: Optional[checkpoint.PendingSave] = None  # an asynchronous save not yet published
@@ -158,6 +151,11 @@ class Trainer:
         """Rows of the global batch this rank's data-parallel replica trains on per step."""
         return self.cfg.train.micro_batch_size * self.num_microbatches
 
+    def microbatches(self, batch: dict) -> list:
+        """This rank's rows of a batch cut into micro-batches, on the rank's device."""
+        return [{k: v.to(self.ps.device, non_blocking=True) for k, v in mb.items()}
+                for mb in split_microbatches(batch, self.cfg.train.micro_batch_size)]
+
     def lr(self) -> float:
         t = self.cfg.train
         return lr_at(self.step, t.lr, t.min_lr, t.warmup_steps, t.steps)
@@ -168,7 +166,7 @@ class Trainer:
         Returns (on every rank) ``loss`` (the global loss), the unit totals, the finalized
         metrics of ``loss``, ``grad_norm``, ``lr`` and the MoE aux loss.
         """
-        whole = split_microbatches(batch, self.cfg.train.micro_batch_size)
+        whole = self.microbatches(batch)
         # every cp rank holds the same whole sequences: their units summed over dp are the global totals
         totals = reduce_sums(sum_shares([loss.units(mb) for mb in whole]), self.ps.group("dp"), self.ps.device)
         microbatches = self.cut_for_cp(whole)
@@ -203,9 +201,9 @@ class Trainer:
         chunks = self.chunks if chunks is None else chunks
         for m in chunks:
             m.eval()
-        microbatches = self.cut_for_cp(split_microbatches(batch, self.cfg.train.micro_batch_size))
-        with torch.no_grad(), autocast_context(self.cfg.train.dtype):
-            parts = forward_backward(chunks, microbatches, lambda out, mb: (torch.zeros(()), fn(out, mb)), self.ps,
+        microbatches = self.cut_for_cp(self.microbatches(batch))
+        with torch.no_grad():
+            parts = forward_backward(chunks, microbatches, lambda out, mb: (torch.zeros((), device=self.ps.device), fn(out, mb)), self.ps,
                                      self.cfg.parallel.pp_schedule, forward_only=True)
         return context_parallel.gather_sequence(torch.cat(parts, dim=0), self.ps) if parts else None
 
@@ -227,16 +225,14 @@ class Trainer:
 
         ``loss_fn(output, microbatch) -> (loss, stats)`` must return each micro-batch's
         share of the global loss (see :class:`LossSpec`). Returns the stats of the last
-        pipeline stage. The micro-batches move to the rank's device here.
+        pipeline stage.
         """
-        microbatches = [{k: v.to(self.ps.device, non_blocking=True) for k, v in mb.items()} for mb in microbatches]
         for m in self.chunks:
             m.train()
             m.set_aux_loss_scale(1.0 / (len(microbatches) * self.ps.dp_size))
         self.optimizer.zero_grad()
         self.optimizer.expect_backward_passes(len(microbatches))  # dp all-reduce overlaps the last one
-        with autocast_context(self.cfg.train.dtype):
-            return forward_backward(self.chunks, microbatches, loss_fn, self.ps, self.cfg.parallel.pp_schedule)
+        return forward_backward(self.chunks, microbatches, loss_fn, self.ps, self.cfg.parallel.pp_schedule)
 
     def optimizer_step(self) -> tuple:
         """Reduce, clip and apply the accumulated gradients; returns ``(grad_norm, lr)``."""
