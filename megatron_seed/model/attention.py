@@ -241,7 +241,8 @@ class Attention(nn.Module):
         k_BKDL.index_copy_(3, cache.slot_1, k_B1KD.permute(0, 2, 3, 1))  # [B, K, D, 1] into slot `slot_1`
         v_BKLD.index_copy_(2, cache.slot_1, v_B1KD.transpose(1, 2))
         scores_BKGL = torch.matmul(q_B1ND.view(B, K, N // K, D), k_BKDL[:, :, :, :end])
-        probs_BKGL = torch.add(bias_B11L, scores_BKGL, alpha=D ** -0.5).softmax(dim=-1)  # bias + scores / sqrt(D)
+        # bias + scores / sqrt(D); the softmax in fp32 under bf16 (a no-op cast in fp32)
+        probs_BKGL = torch.add(bias_B11L, scores_BKGL, alpha=D ** -0.5).softmax(dim=-1, dtype=torch.float32).to(v_B1KD.dtype)
         return torch.matmul(probs_BKGL, v_BKLD[:, :, :end]).view(B, 1, N * D)
 
     def _attention(self, q_BSND, k_BSKD, v_BSKD, mask: Optional[torch.Tensor], cache: Optional[KVCache]) -> torch.Tensor:
