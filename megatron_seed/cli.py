@@ -25,6 +25,7 @@ COMMANDS = {
     "plan": ("megatron_seed.commands.plan", "memory and step-time model: rank the layouts that fit a model on N GPUs"),
     "sft": ("megatron_seed.commands.sft", "supervised fine-tuning on chat conversations (default: generated worked solutions)"),
     "rl": ("megatron_seed.commands.rl", "Seed1.5-Thinking RL: value pretraining then PPO with adaptive domain weights (tiny default)"),
+    "dry-run": ("megatron_seed.commands.dry_run", "run one rank of an N-rank job on memory-free tensors: device, shape and collective checks, peak memory"),
 }
 
 

@@ -1,4 +1,5 @@
-"""Triton kernels vs their torch references; run as a script under TRITON_INTERPRET=1.
+"""Triton kernels vs their torch references; run as a script under TRITON_INTERPRET=1 on CPU,
+or with MOE_CHECK_DEVICE=cuda on a GPU (``benchmarks/gpu_check.sh``).
 
 ``tests/test_moe_kernels.py`` runs this file in a subprocess so the interpreter flag is
 set before triton is imported and no other test is affected. Sizes are tiny and odd
@@ -9,9 +10,12 @@ from __future__ import annotations
 import os
 import sys
 
-assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1 (see tests/test_moe_kernels.py)"
+DEVICE = os.environ.get("MOE_CHECK_DEVICE", "cpu")
+assert DEVICE == "cuda" or os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1 (see tests/test_moe_kernels.py)"
 
 import torch  # noqa: E402
+
+torch.set_default_device(DEVICE)
 
 from moe.kernels import reference as ref  # noqa: E402
 from moe.kernels import triton_ops as tri  # noqa: E402
