@@ -1,8 +1,8 @@
 """Memory-free dry run: one rank of an N-rank job in one CPU process, on tensors that hold no memory.
 
 What runs is the real code of every phase a job runs on that rank (model build, LM train
-step, rollout prefill and one decode step, checkpoint state dicts; the PPO actor and critic
-steps come from the layer above, ``megatron_seed/commands/dry_run.py``), on these stand-ins:
+step, rollout prefill and one decode step, checkpoint state dicts; layers above may add
+phases, ``extra_phases`` of :func:`dry_run`), on these stand-ins:
 
 * **tensors on ``meta``** (``ParallelState.device``): shapes, dtypes and strides without
   storage, so the ``seed-200b-a20b`` preset at its real shape fits a laptop. torch's fake
