@@ -85,13 +85,14 @@ class Assumptions:
     ep_node_dedup: float = 0.0  # 1: a token crosses to each remote node once, then NVLink (DeepEP); 0: every row crosses (ours)
     fused_norm: float = 0.0  # 1: RMSNorm keeps its input and 1/rms only (TE); 0: also the fp32 normalised x (ours)
     sharded_saved_input: float = 0.0  # 1: tp layers keep their sequence shard and all-gather it again in backward (Megatron)
+    fused_moe: float = 0.0  # 1: no fp32 copies of the router input and of the expert outputs kept (Megatron's fused unpermute)
     framework_overhead_gib: float = 5.0  # CUDA context, NCCL buffers, allocator fragmentation, workspace
 
     @classmethod
     def profile(cls, name: str) -> "Assumptions":
         """``ours`` (this stack today) or ``megatron-core`` (its published MoE runs: tp-communication
         overlap, 1F1B all-to-all overlap, DeepEP dispatch, overlapped parameter gather, Transformer
-        Engine's fused norms, sequence-parallel inputs re-gathered in backward)."""
+        Engine's fused norms, sequence-parallel inputs re-gathered in backward, fused MoE unpermute)."""
         if name not in PROFILES:
             raise ConfigError(f"--stack {name!r}: unknown; choose one of {', '.join(PROFILES)}")
         return PROFILES[name]
@@ -118,7 +119,7 @@ def check_assumptions(a: Assumptions) -> None:
         value = getattr(a, name)
         if not 0 < value <= 1:
             raise ConfigError(f"--assume {name}={value}: must be in (0, 1]")
-    for name in ("ep_node_dedup", "fused_norm", "sharded_saved_input"):
+    for name in ("ep_node_dedup", "fused_norm", "sharded_saved_input", "fused_moe"):
         if getattr(a, name) not in (0.0, 1.0):
             raise ConfigError(f"--assume {name}={getattr(a, name)}: must be 0 (this stack) or 1 (Megatron-core's way)")
     for name in ("overlap_tp", "overlap_ep", "overlap_pp", "overlap_param_gather"):
@@ -157,5 +158,5 @@ def check_workload(w: Workload, c: Cluster, max_seq_len: int) -> None:
 PROFILES = {
     "ours": Assumptions(),
     "megatron-core": Assumptions(overlap_tp=0.9, overlap_ep=0.9, overlap_pp=0.9, overlap_param_gather=0.9, ep_node_dedup=1.0,
-                                 fused_norm=1.0, sharded_saved_input=1.0),
+                                 fused_norm=1.0, sharded_saved_input=1.0, fused_moe=1.0),
 }

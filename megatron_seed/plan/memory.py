@@ -27,10 +27,12 @@ on this cp rank, ``Tl = T / tp`` under sequence parallel, ``N``/``K`` local q/kv
   ``Tl H b``, all-gathered again in backward), with QK-norm the same
   norm pair over ``T (N + K) D``, flash attention's q, k, v and output ``T (2N + 2K) D b`` and
   log-sum-exp ``4 T N``;
-* MoE: a norm, router input ``Tl H b`` and fp32 logits and probabilities
+* MoE: a norm, the router's fp32 input ``4 Tl H`` (``fused_moe``: ``Tl H b``) and fp32 logits and probabilities
   ``8 Tl E``, expert rows ``R H b``, gate/up outputs ``2 R F b``, SwiGLU outputs ``R F b``
-  (dropped by selective recompute), shared experts: gathered input ``T H b`` and
-  ``4 T Fs b`` (gate, silu(gate), up, product; selective keeps 2);
+  (dropped by selective recompute), the experts' outputs in fp32 ``4 R H`` (the combine's
+  ``index_add`` keeps its source; not with ``fused_moe``), shared experts: their input (gathered ``T H b`` under tp;
+  at tp = 1 the norm output, shared with the router in fp32) and ``4 T Fs b`` (gate,
+  silu(gate), up, product; selective keeps 2);
 * dense MLP: a norm, then as the shared experts with the dense ffn;
 * per in-flight forward of a chunk: the rotary tables ``8 T D`` and, unless it is the model's
   last chunk, its output ``Tl H b`` (held until its gradient returns); full recompute keeps
@@ -199,13 +201,16 @@ class ActivationModel:
         keep = 2 if w.recompute == "selective" else 4
         self.rows = Tl * layout.etp * m.moe.top_k * a.moe_imbalance
         F = m.moe.ffn_size / layout.etp
+        router_bytes = b if a.fused_moe else 4  # ours: the router keeps its input in fp32
         self.moe = (
-            norm + Tl * H * b + 8 * Tl * m.moe.num_experts
+            norm + Tl * H * router_bytes + 8 * Tl * m.moe.num_experts  # router input, fp32 logits and probabilities
             + self.rows * (H * b + 4 + (2 if w.recompute == "selective" else 3) * F * b)
+            + (0.0 if a.fused_moe else self.rows * H * 4)  # ours: the combine's index_add keeps the fp32 expert outputs
         )
         shared = m.moe.num_shared_experts * m.moe.shared_ffn_size / tp
         if shared:
-            self.moe += (T * H * b if tp > 1 and not a.sharded_saved_input else 0) + keep * T * shared * b
+            shared_input = gathered if tp > 1 else (0.0 if router_bytes == b else Tl * H * b)  # tp=1: maybe the router's tensor
+            self.moe += shared_input + keep * T * shared * b
         self.dense = norm + gathered + keep * T * (m.dense_ffn_size / tp) * b
         self.rotary = 8 * T * D  # cos and sin tables of the micro-batch, fp32
         self.chunk_output = Tl * H * b  # a stage's output, held until its gradient comes back

@@ -20,6 +20,10 @@ def assumption_lines(w: Workload, a: Assumptions) -> list:
         f"overlap (at most the compute left to hide behind): tp collectives {a.overlap_tp:.0%}, ep all-to-all {a.overlap_ep:.0%}, "
         f"pp send/recv {a.overlap_pp:.0%}; dp gradient all-reduce {dp}; ZeRO-1 parameter all-gather {a.overlap_param_gather:.0%}; "
         "Adam exposed",
+        "activations as kept by " + ("Megatron-core (fused norms and MoE unpermute, sequence shards re-gathered in backward)"
+                                     if a.fused_norm and a.fused_moe and a.sharded_saved_input else
+                                     "this stack (see megatron_seed/plan/memory.py)" if not (a.fused_norm or a.fused_moe or a.sharded_saved_input)
+                                     else "a mix of both (--assume fused_norm / fused_moe / sharded_saved_input)"),
         "ep all-to-all: " + ("a token crosses to each remote node once (DeepEP-style)" if a.ep_node_dedup else
                              "every (token, expert) row to another node crosses the network (this stack's dispatcher)"),
         f"MoE: busiest expert rank gets {a.moe_imbalance:.2f}x the mean rows (compute, all-to-all, dispatch buffers); "
