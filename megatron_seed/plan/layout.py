@@ -103,8 +103,8 @@ def _divisors(n: int) -> list:
 
 def candidate_layouts(m: ModelConfig, w: Workload, c: Cluster, max_vpp: int = 8, max_cp: int = 1) -> Iterator[PlanLayout]:
     """Every layout that passes :func:`check_layout` for ``c.gpus`` GPUs: tp within a node, etp up to 8,
-    vpp up to ``max_vpp``, cp up to ``max_cp`` (1 by default: the trainer refuses cp > 1 until context
-    parallelism lands)."""
+    vpp up to ``max_vpp``, cp up to ``max_cp`` (1 by default: the cp communication model, an all-gather
+    of each layer's keys and values, has not been checked against the zig-zag implementation)."""
     has_moe = m.num_dense_layers < m.num_layers
     for tp in [d for d in _divisors(c.gpus_per_node) if c.gpus % d == 0]:
         for cp in [d for d in (1, 2, 4, 8, 16) if d <= max_cp and c.gpus % (tp * d) == 0]:
