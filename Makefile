@@ -1,13 +1,14 @@
 # Two entry points for a fresh machine (Python 3.11, no GPU):
-#   make demo   set up .venv and run the main job on the embedded default
-#   make test   set up .venv and run the whole test suite
+#   make demo           set up .venv and run the main job: the RL recipe on configs/rl-tiny.yaml
+#   make demo-pretrain  set up .venv and run the pretraining demo (tiny preset, bundled corpus)
+#   make test           set up .venv and run the whole test suite
 PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 # The CPU build of torch; an unpinned torch pulls gigabytes of CUDA wheels.
 TORCH_PIN := torch==2.13.0
 
-.PHONY: setup demo test
+.PHONY: setup demo demo-pretrain test
 
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +24,10 @@ setup: $(VENV)/.installed
 	  apt-get install -y -q bubblewrap >/dev/null 2>&1; } || echo "note: bubblewrap not installed; code sandbox uses rlimits only"; fi
 
 demo: setup
+	rm -rf runs/rl
+	$(VENV)/bin/megatron-seed rl --preset rl-tiny --set train.save_dir=runs/rl
+
+demo-pretrain: setup
 	$(VENV)/bin/megatron-seed demo
 
 test: setup

@@ -118,7 +118,7 @@ class TrainConfig:
     precision: str = "auto"
     grad_reduce_in_fp32: bool = True  # data-parallel gradient reduction in fp32 (false: in the parameters' dtype)
     log_interval: int = 10
-    save_interval: int = 0  # 0 = only at the end
+    save_interval: int = 100  # steps between checkpoints (RL: PPO / value-pretraining steps); 0 = only at the end
     async_save: bool = False  # interval checkpoints written by a background thread while training goes on
     save_dir: str = "runs/default"
     load_dir: Optional[str] = None
@@ -189,6 +189,11 @@ class RLConfig:
     adaptation_max_weight: float = 0.8
     adaptation_rate: float = 0.5
     adaptation_ema: float = 0.8  # smoothing of the per-domain signals (0 = latest step only)
+    eval_prompts: int = 0  # held-out prompts scored against their ground truth (0 = no evaluation)
+    eval_samples: int = 4  # k of the held-out pass@k (0 = greedy only)
+    eval_interval: int = 10  # PPO steps between held-out evaluations (always before PPO and at the end)
+    log_samples_interval: int = 5  # PPO steps between printing a few sampled responses with their rewards; 0 = never
+    log_samples: int = 2  # responses printed each time
 
 
 @dataclass
@@ -546,6 +551,14 @@ def validate_config(cfg: Config) -> None:
     _require(len(d.task_difficulty) == 2 and all(isinstance(v, int) and 1 <= v <= 5 for v in d.task_difficulty)
              and d.task_difficulty[0] <= d.task_difficulty[1],
              f"data.task_difficulty={d.task_difficulty}: must be [low, high] with 1 <= low <= high <= 5")
+    for name in ("steps", "value_pretrain_steps", "eval_prompts", "eval_samples", "eval_interval", "log_samples_interval", "log_samples"):
+        _require(getattr(r, name) >= 0, f"rl.{name}={getattr(r, name)}: must be >= 0")
+    for name in ("ppo_epochs", "mini_batches", "prompts_per_step"):
+        _positive(f"rl.{name}", getattr(r, name))
+    rows = r.prompts_per_step * cfg.rollout.samples_per_prompt
+    _require(rows % r.mini_batches == 0, f"rl.prompts_per_step x rollout.samples_per_prompt = {rows} rows per PPO step is not divisible by "
+             f"rl.mini_batches={r.mini_batches}; fix: make the rows a multiple of the mini-batches")
+    _require(t.save_interval >= 0, f"train.save_interval={t.save_interval}: must be >= 0 (0 = only at the end)")
     ro = cfg.rollout
     _require(ro.temperature >= 0, f"rollout.temperature={ro.temperature}: must be >= 0 (0 = greedy)")
     _require(0 < ro.top_p <= 1, f"rollout.top_p={ro.top_p}: must be in (0, 1]")

@@ -44,13 +44,14 @@ from rl.losses import LossNormalizer, actor_loss, explained_variance, normalizer
 from rl.rollout.sampling import tempered
 
 
-def rl_trainer_config(cfg: Config, role: str, rows_per_update: int) -> Config:
+def rl_trainer_config(cfg: Config, role: str, rows_per_update: int, dp_size: int = 1) -> Config:
     """The trainer config of the ``actor`` or the ``critic`` for one RL run.
 
     A constant learning rate (``rl.actor_lr`` / ``rl.critic_lr``, no warm-up or decay:
     the RL step count is not the pretraining one), ``train.global_batch_size`` =
-    ``rows_per_update`` (the rows of one optimizer step, over all dp ranks), and for the
-    critic the same GPT-MoE with ``model.value_head=true``.
+    ``rows_per_update`` (the rows of one optimizer step, over all ``dp_size`` ranks),
+    micro-batches of at most one rank's share of them, and for the critic the same
+    GPT-MoE with ``model.value_head=true``.
     """
     if role not in ("actor", "critic"):
         raise ValueError(f"role={role!r}: must be 'actor' or 'critic'")
@@ -61,7 +62,7 @@ def rl_trainer_config(cfg: Config, role: str, rows_per_update: int) -> Config:
     out.train.lr = out.train.min_lr = lr
     out.train.warmup_steps = 0
     out.train.global_batch_size = rows_per_update
-    out.train.micro_batch_size = min(cfg.train.micro_batch_size, rows_per_update)
+    out.train.micro_batch_size = max(1, min(cfg.train.micro_batch_size, rows_per_update // dp_size))
     out.model.value_head = role == "critic"
     return out
 
@@ -83,6 +84,14 @@ def init_critic_from_actor(critic: Trainer, actor: Trainer) -> None:
                                      f"{tuple(source[name].shape)}; build both from the same model and parallel config")
                 tensor.copy_(source[name])
     critic.optimizer.sync_master_from_params()
+
+
+def trained_mask(batch: dict) -> torch.Tensor:
+    """``mask_BS`` without the rows whose optional ``trained_B`` is False (their score failed and says
+    nothing about the answer): those rows reach no loss, normaliser or whitening statistic."""
+    if "trained_B" not in batch:
+        return batch["mask_BS"]
+    return batch["mask_BS"] & batch["trained_B"].bool().to(batch["mask_BS"].device)[:, None]
 
 
 def critic_values(critic: Trainer, batch: dict) -> Optional[torch.Tensor]:
@@ -195,9 +204,11 @@ class PPOTrainer:
         # None on all but the last pipeline stage; a None entry would break the micro-batch split
         batch.update({key: value for key, value in filled.items() if value is not None})
         metrics: dict = {}
+        response_BS = batch["mask_BS"]
+        batch["mask_BS"] = trained_mask(batch)
         if self.ps.is_last_stage:
             mask_BS = batch["mask_BS"]
-            rewards_BS = place_terminal_reward(batch["rewards_B"].to(torch.float32), mask_BS)
+            rewards_BS = place_terminal_reward(batch["rewards_B"].to(torch.float32), response_BS)
             truncated_B, values_after_B = None, None
             if self.bootstrap_truncated:
                 truncated_B, values_after_B = batch["truncated_B"], values_after_response(batch["old_values_BS"], mask_BS)

@@ -6,9 +6,10 @@ first PPO steps with biased advantages. Each step:
 
 1. ``sampler(step)`` returns a fresh batch of scored rollouts of the fixed policy in
    training layout (:mod:`rl.experience`; e.g. :func:`engine_sampler`);
-2. value targets are GAE returns with ``gamma = lambda = 1``: the Monte-Carlo return,
-   i.e. the sequence's terminal reward at every response token (never bootstrapped:
-   a truncated response is scored as it stands, so its episode ended too);
+2. value targets are GAE returns with ``lambda = 1`` and ``rl.gamma``: the Monte-Carlo
+   return, i.e. the sequence's terminal reward discounted to every response token
+   (never bootstrapped: a truncated response is scored as it stands, so its episode
+   ended too);
 3. one optimizer step of the plain (unclipped) value loss.
 
 The reported ``value_loss`` and ``explained_variance`` (``1 - Var[R - V] / Var[R]``) are
@@ -34,7 +35,7 @@ from megatron_seed.parallel import context_parallel
 from megatron_seed.train.trainer import Trainer
 from rl.advantage import compute_advantages, place_terminal_reward
 from rl.experience import check_experience, from_rollout, pad_columns, sample_and_score
-from rl.ppo import critic_loss_spec, critic_values
+from rl.ppo import critic_loss_spec, critic_values, trained_mask
 
 
 @dataclass
@@ -64,8 +65,8 @@ class PlateauStopper:
 
 
 def monte_carlo_returns(batch: dict, values_BS, cfg: RLConfig, dp_group=None):
-    """Value targets with ``gamma = lambda_value = 1`` (Monte-Carlo returns), ``[B, S]``."""
-    mc = dataclasses.replace(cfg, gamma=1.0, lambda_value=1.0, whiten_advantages=False, length_adaptive=False)
+    """Value targets with ``lambda_value = 1`` and ``rl.gamma`` (Monte-Carlo returns), ``[B, S]``."""
+    mc = dataclasses.replace(cfg, lambda_value=1.0, whiten_advantages=False, length_adaptive=False)
     rewards_BS = place_terminal_reward(batch["rewards_B"].float(), batch["mask_BS"])
     # no bootstrap for truncated rows: their outcome reward scores the cut response, so the episode did end there
     return compute_advantages(rewards_BS, values_BS, batch["mask_BS"], mc, None, dp_group).returns_BS
@@ -84,21 +85,10 @@ def value_pretrain(
     ``rl.value_pretrain_patience`` / ``rl.value_pretrain_min_delta``. ``log(step, metrics)``
     is called after every step (metrics live on the last pipeline stage).
     """
-    ps = critic.ps
     stopper = PlateauStopper(cfg.value_pretrain_patience, cfg.value_pretrain_min_delta)
     history: list = []
     for step in range(cfg.value_pretrain_steps if max_steps is None else max_steps):
-        batch = pad_columns(sampler(step), context_parallel.sequence_multiple(ps))
-        check_experience(batch)
-        values_BS = critic_values(critic, batch)
-        if ps.is_last_stage:
-            batch["old_values_BS"] = values_BS
-            batch["returns_BS"] = monte_carlo_returns(batch, values_BS, cfg, ps.group("dp")).float()
-        else:  # earlier stages only forward activations
-            batch["old_values_BS"] = batch["returns_BS"] = batch["mask_BS"].float() * 0
-        metrics = critic.train_step(batch, critic_loss_spec(None, cfg.loss_agg))
-        if not math.isfinite(metrics.get("explained_variance", 0.0)):
-            metrics["explained_variance"] = None  # constant returns: 1 - Var[R - V] / Var[R] is 0 / 0
+        metrics = value_pretrain_step(critic, sampler(step), cfg)
         metrics["step"] = step
         history.append(metrics)
         if log is not None:
@@ -106,6 +96,24 @@ def value_pretrain(
         if stopper.update(metrics["value_loss"], metrics["explained_variance"]):  # same metrics on every rank
             break
     return history
+
+
+def value_pretrain_step(critic: Trainer, batch: dict, cfg: RLConfig) -> dict:
+    """Steps 2-3 of the module docstring on one batch of scored rollouts; the critic's metrics (every rank)."""
+    ps = critic.ps
+    batch = pad_columns(batch, context_parallel.sequence_multiple(ps))
+    check_experience(batch)
+    values_BS = critic_values(critic, batch)
+    if ps.is_last_stage:
+        batch["old_values_BS"] = values_BS
+        batch["returns_BS"] = monte_carlo_returns(batch, values_BS, cfg, ps.group("dp")).float()
+    else:  # earlier stages only forward activations
+        batch["old_values_BS"] = batch["returns_BS"] = batch["mask_BS"].float() * 0
+    batch["mask_BS"] = trained_mask(batch)  # after the returns: a failed score trains nothing
+    metrics = critic.train_step(batch, critic_loss_spec(None, cfg.loss_agg))
+    if not math.isfinite(metrics.get("explained_variance", 0.0)):
+        metrics["explained_variance"] = None  # constant returns: 1 - Var[R - V] / Var[R] is 0 / 0
+    return metrics
 
 
 def engine_sampler(engine, prompts: Callable[[int], Sequence], router, tokenizer, n: Optional[int] = None,

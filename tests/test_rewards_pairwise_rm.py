@@ -126,7 +126,7 @@ def _rm_steps(rank, world, parallel):
     model = RewardModel(cfg.model, ByteEncoder(), gpt=trainer.chunks[0])
     history = []
     train_reward_model(trainer, model, synthetic_pairs(24, seed=4), eval_every=1, log=history.append)
-    return [(r["loss"], r["accuracy"]) for r in history] if trainer.is_logging_rank else None
+    return [(r["loss"], r["accuracy"], r["grad_norm"]) for r in history] if trainer.is_logging_rank else None
 
 
 @pytest.mark.timeout(300)
@@ -137,8 +137,9 @@ def test_reward_model_trains_the_same_under_dp_and_tp(parallel, one_thread):
     want = _rm_steps(0, 1, {})
     got = [r for r in run_distributed(_rm_steps, 2, parallel) if r is not None]
     assert len(got) == 1 and len(want) == 3
-    for (loss, acc), (want_loss, want_acc) in zip(got[0], want):
+    for (loss, acc, grad_norm), (want_loss, want_acc, want_norm) in zip(got[0], want):
         assert loss == pytest.approx(want_loss, rel=1e-5) and acc == want_acc
+        assert grad_norm == pytest.approx(want_norm, rel=1e-5)  # Adam would hide a gradient off by a constant factor
 
 
 def test_reward_model_trainer_needs_a_value_head():

@@ -8,11 +8,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import torch
 
-from megatron_seed.commands.rl import QUICK_RUN, rl_main
 from megatron_seed.config import ConfigError, load_config
 from megatron_seed.model.gpt import GPTModel
 from megatron_seed.parallel.state import ParallelState
 from megatron_seed.train import checkpoint
+from rl.rl_trainer import RLTrainer
 from tests.test_rollout_external import FakeServer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -41,10 +41,11 @@ def serve(handler_fn) -> ThreadingHTTPServer:
 
 
 def external_config(tmp_path, url: str, *extra: str):
-    return load_config("tiny", None, QUICK_RUN + [
+    return load_config("rl-tiny", None, [
         f"rl.steps={STEPS}", "rl.value_pretrain_steps=0", "rl.prompts_per_step=2", "rollout.samples_per_prompt=2",
         "rollout.max_new_tokens=8", "rollout.engine=external",
         f"rollout.external_url={url}", f"rollout.external_weights_dir={tmp_path / 'weights'}", f"train.save_dir={tmp_path / 'run'}",
+        "train.save_interval=0", "rl.log_samples_interval=0",
         *extra,
     ])
 
@@ -56,7 +57,7 @@ def test_rl_generates_on_the_server_and_syncs_weights_after_every_step(tmp_path)
     http = serve(fake)
     try:
         cfg = external_config(tmp_path, f"http://127.0.0.1:{http.server_address[1]}")
-        assert rl_main(cfg, None, 32, resume=False) == 0
+        assert not RLTrainer.from_config(cfg, num_tasks=32).fit()["stopped"]
     finally:
         http.shutdown()
     kinds = [url.rsplit("/", 1)[-1] for url, _ in fake.requests]
@@ -67,7 +68,7 @@ def test_rl_generates_on_the_server_and_syncs_weights_after_every_step(tmp_path)
     for name, tensor in fake.model.state_dict().items():  # the server now holds the trained policy
         torch.testing.assert_close(tensor, saved.read_full(f"model/{name}"), rtol=0, atol=0, msg=name)
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
-    assert len(lines) == STEPS and "actor/pg_loss" in json.loads(lines[-1])
+    assert len(lines) == STEPS and "ppo/actor/pg_loss" in json.loads(lines[-1])
 
 
 def test_external_engine_needs_its_server_and_weights_dir():

@@ -34,10 +34,10 @@ def run(args: argparse.Namespace) -> int:
     from data.tasks import SYSTEM_PROMPT
     from data.tokenizer import load_tokenizer
     from data.prompts import load_prompts
-    from megatron_seed.commands.rl import _load_weights
     from megatron_seed.config import ConfigError, load_config
     from megatron_seed.model.build import build_model_chunks
     from megatron_seed.parallel.state import ParallelState
+    from megatron_seed.train.checkpoint import load_model_weights
     from rl.filter_prompts import engine_policy, filter_prompt_file
     from rl.rewards.factory import admit_prompts, build_reward_router
     from rl.rollout.engine import RolloutEngine
@@ -55,8 +55,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size}; fix: raise model.vocab_size")
     chunks = build_model_chunks(cfg.model, cfg.parallel, ps, cfg.train.seed)
     if cfg.train.load_dir:
-        layout = {"world": 1, "tp": 1, "pp": 1, "dp": 1, "ep": 1, "etp": 1, "cp": 1, "virtual_pp": 1}
-        _load_weights(chunks, cfg.train.load_dir, 0, layout)
+        load_model_weights(chunks, ps, cfg.train.load_dir)
     engine = RolloutEngine(chunks, ps, cfg.rollout, tokenizer=tokenizer, seed=cfg.train.seed)
     router = build_reward_router(cfg, judge=engine.generate_text if cfg.rewards.llm_judge == "policy" else None)
     admit_prompts(load_prompts(args.input)[0], router)

@@ -24,7 +24,7 @@ from megatron_seed.config import ModelConfig
 from megatron_seed.model.attention import Attention, KVCache, build_attention_mask
 from megatron_seed.model.layers import RMSNorm, SwiGLUMLP, rotary_cos_sin
 from megatron_seed.parallel import context_parallel
-from megatron_seed.parallel.mappings import gather_from_sequence_parallel_region
+from megatron_seed.parallel.mappings import gather_from_parallel_region
 from megatron_seed.parallel.sharding import init_parameters, set_sharding
 from megatron_seed.parallel.state import ParallelState
 from megatron_seed.parallel.tensor_parallel import ColumnParallelLinear, VocabParallelEmbedding, column_parallel_input
@@ -62,7 +62,9 @@ class ValueHead(nn.Module):
 
     def forward(self, h_BSH: torch.Tensor) -> torch.Tensor:
         v_BS = F.linear(h_BSH, self.weight, self.bias).squeeze(-1)
-        return gather_from_sequence_parallel_region(v_BS, self.ps.tp_group, 1) if self.ps.sequence_parallel else v_BS
+        # every tp rank computes the same loss on the gathered values, so the backward keeps this rank's slice of
+        # the gradient (a reduce-scatter would count it tp times)
+        return gather_from_parallel_region(v_BS, self.ps.tp_group, 1) if self.ps.sequence_parallel else v_BS
 
 
 class GPTModel(nn.Module):

@@ -1,7 +1,8 @@
-"""Throughput, model FLOPs utilisation, and a JSONL + console metrics logger."""
+"""Throughput, model FLOPs utilisation, and a JSONL + TensorBoard + console metrics logger."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from typing import Optional
@@ -38,23 +39,52 @@ def peak_flops(configured_tflops: float) -> float:
     return 0.1e12 * max(1, torch.get_num_threads())  # a CPU core: order of 100 GFLOP/s fp32
 
 
-class MetricsLogger:
-    """Writes one JSON object per logged step to ``path`` and a line to stdout (rank 0)."""
+def _plain(v):
+    """A JSON value: numbers as floats, NaN / Inf as None (JSON has no NaN), other values as they are."""
+    if isinstance(v, (bool, int, float, torch.Tensor)):
+        v = float(v)
+        return v if math.isfinite(v) else None
+    return v
 
-    def __init__(self, path: Optional[str], enabled: bool = True):
+
+def _drop_torn_line(path: str) -> None:
+    """Cut a last line without its newline (a process killed while writing it) so appends start on a fresh line."""
+    if not os.path.exists(path):
+        return
+    with open(path, "rb+") as f:
+        data = f.read()
+        if data and not data.endswith(b"\n"):
+            f.truncate(data.rfind(b"\n") + 1)
+
+
+class MetricsLogger:
+    """Writes one JSON object per logged step to ``path``, the numbers to TensorBoard under
+    ``tensorboard_dir`` (when given) and a line to stdout; only where ``enabled`` (one rank)."""
+
+    def __init__(self, path: Optional[str], enabled: bool = True, tensorboard_dir: Optional[str] = None):
         self.enabled = enabled
         self.file = None
+        self.tensorboard = None
         if enabled and path:
             os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+            _drop_torn_line(path)
             self.file = open(path, "a")
+        if enabled and tensorboard_dir:
+            from torch.utils.tensorboard import SummaryWriter  # imported here: needs the tensorboard package
+
+            self.tensorboard = SummaryWriter(tensorboard_dir)
 
     def log(self, step: int, metrics: dict, echo: bool = True, write=None) -> None:
         if not self.enabled:
             return
-        record = {"step": step, **{k: (float(v) if isinstance(v, (int, float, torch.Tensor)) else v) for k, v in metrics.items()}}
+        record = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
         if self.file:
-            self.file.write(json.dumps(record) + "\n")
+            self.file.write(json.dumps(record, allow_nan=False) + "\n")
             self.file.flush()
+        if self.tensorboard is not None:
+            for k, v in record.items():
+                if k != "step" and isinstance(v, float):
+                    self.tensorboard.add_scalar(k, v, step)
         if echo:
             text = " | ".join(f"{k} {_fmt(v)}" for k, v in record.items())
             (write or (lambda s: print(s, file=sys.stdout, flush=True)))(text)
@@ -62,6 +92,8 @@ class MetricsLogger:
     def close(self) -> None:
         if self.file:
             self.file.close()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
 
 
 def _fmt(v) -> str:

@@ -316,7 +316,7 @@ class Trainer:
         t = self.cfg.train
         flops_token = flops_per_token(self.cfg.model, t.seq_len)
         peak = peak_flops(t.peak_tflops) * self.ps.layout.world
-        bar = _progress(t.steps, self.step, progress and self.is_logging_rank)
+        bar = progress_bar(t.steps, self.step, progress and self.is_logging_rank)
         last: dict = {}
         window_start, window_tokens = time.perf_counter(), 0.0
         try:
@@ -359,9 +359,10 @@ class _NoBar:
         pass
 
 
-def _progress(total: int, initial: int, enabled: bool):
+def progress_bar(total: int, initial: int, enabled: bool, desc: str = "train"):
+    """A tqdm bar (``update``, ``write``, ``close``), or one that only prints when not ``enabled``."""
     if not enabled:
         return _NoBar()
     from tqdm import tqdm
 
-    return tqdm(total=total, initial=initial, desc="train", dynamic_ncols=True, leave=False)
+    return tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, leave=False)

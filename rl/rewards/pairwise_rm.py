@@ -210,7 +210,7 @@ def train_reward_model(trainer: Trainer, model: RewardModel, train: Sequence[Pre
         mine = step_pairs[ps.dp_rank * local:(ps.dp_rank + 1) * local]
         metrics = trainer.train_step(pair_batch(model, mine, ps.tp_size), PAIRWISE_LOSS)
         if trainer.step == steps or (eval_every and trainer.step % eval_every == 0):
-            record = {"step": trainer.step, "loss": metrics["loss"], "accuracy": metrics["accuracy"], "lr": metrics["lr"]}
+            record = {"step": trainer.step, **{k: metrics[k] for k in ("loss", "accuracy", "grad_norm", "lr")}}
             ev = evaluate(trainer, model, eval_pairs) if eval_pairs else None
             if ev is not None:
                 record.update(eval_loss=ev["loss"], eval_accuracy=ev["accuracy"])

@@ -1,0 +1,533 @@
+"""The Seed1.5-Thinking RL run as one object: build from a Config, phases, step, evaluate, checkpoint, fit.
+
+Phases run in order on one :class:`~megatron_seed.parallel.state.ParallelState` and one
+set of weights (colocated: the rollout engine generates with the actor's chunks). Each
+is optional and resumable; a phase is an object with a ``name``, ``run(rl)`` (steps until
+it is done or a stop is requested) and ``state_dict`` / ``load_state_dict``:
+
+* ``value_pretrain`` (``rl.value_pretrain_steps > 0``): the critic fits the Monte-Carlo
+  returns of the frozen starting policy (:mod:`rl.value_pretrain`), stopping on a plateau;
+* ``ppo`` (``rl.steps``): :meth:`RLTrainer.step` per step, a held-out evaluation
+  before the first step, every ``rl.eval_interval`` steps and at the end.
+
+One PPO step: draw ``rl.prompts_per_step`` prompts with the adaptive domain sampler
+(the same draw on every rank), take this dp rank's share (round robin,
+:func:`rl.rollout.engine.local_prompts`), sample ``rollout.samples_per_prompt`` responses
+each, score them with the reward router, run :meth:`rl.ppo.PPOTrainer.step` (actor and
+critic through the trainer's one step API), then fold the step's rewards (gathered over
+dp) into the domain weights.
+
+Checkpoints (every ``train.save_interval`` steps of a phase, at the end of each phase,
+and on Ctrl-C) hold actor and critic (weights, optimizers, step counters, torch RNG)
+under ``<train.save_dir>/actor`` and ``/critic``, and with the actor :meth:`state_dict`:
+the phase position, the sampler (weights, signals, data position, RNG), the rollout
+engine's generator and the evaluations so far. ``resume`` continues exactly: the next
+steps equal those of an uninterrupted run.
+
+What a user sees (logging rank): a progress bar per phase; one line per step;
+``metrics.jsonl`` and TensorBoard (``<save_dir>/tensorboard``) with every metric under
+its phase's prefix and step counter (``ppo/actor/pg_loss`` at PPO step 3); a few sampled
+responses with their rewards every ``rl.log_samples_interval`` steps; at the end PNG plots
+(``<save_dir>/rl_curves.png``) and a table of held-out accuracy before and after PPO per domain.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import signal
+import time
+from typing import Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from megatron_seed.config import Config, ConfigError
+from megatron_seed.model.build import build_model_chunks
+from megatron_seed.parallel.mappings import all_reduce_no_grad
+from megatron_seed.parallel.state import ParallelState
+from megatron_seed.train import checkpoint
+from megatron_seed.train.metrics import MetricsLogger
+from megatron_seed.train.trainer import Trainer, progress_bar
+from rl.adaptation import DomainSampler, split_by_domain
+from rl.experience import from_rollout, render_prompts, score_rollout
+from rl.rewards.base import loss_mask, reason_counts
+from rl.ppo import PPOTrainer, init_critic_from_actor, rl_trainer_config
+from rl.rollout.engine import RolloutEngine, local_prompts
+from rl.value_pretrain import PlateauStopper, value_pretrain_step
+
+TASK_FAMILIES = ("arithmetic", "linear_equation", "program")
+
+
+class ValuePretrainPhase:
+    """Fit the critic to Monte-Carlo returns of the starting policy (``rl.value_pretrain_*``)."""
+
+    name = "value_pretrain"
+
+    def __init__(self, cfg) -> None:
+        self.cfg = cfg
+        self.step = 0
+        self.done = cfg.value_pretrain_steps == 0
+        self.stopper = PlateauStopper(cfg.value_pretrain_patience, cfg.value_pretrain_min_delta)
+
+    @property
+    def total(self) -> int:
+        return self.cfg.value_pretrain_steps
+
+    def run(self, rl: "RLTrainer") -> None:
+        while not self.done and not rl.stop_requested():
+            t0 = time.perf_counter()
+            batch, _, _ = rl.rollout()
+            metrics = value_pretrain_step(rl.critic, batch, self.cfg)
+            self.step += 1
+            metrics["seconds"] = time.perf_counter() - t0
+            self.done = self.step >= self.total or self.stopper.update(metrics["value_loss"], metrics["explained_variance"])
+            rl.log(self, metrics)
+            rl.maybe_save(self)
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "done": self.done, "stopper": dataclasses.asdict(self.stopper)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step, self.done = state["step"], state["done"]
+        self.stopper = PlateauStopper(**state["stopper"])
+
+
+class PPOPhase:
+    """``rl.steps`` PPO steps with held-out evaluations before, every ``rl.eval_interval`` steps and at the end."""
+
+    name = "ppo"
+
+    def __init__(self, cfg) -> None:
+        self.cfg = cfg
+        self.step = 0
+        self.done = cfg.steps == 0
+
+    @property
+    def total(self) -> int:
+        return self.cfg.steps
+
+    def run(self, rl: "RLTrainer") -> None:
+        if self.step == 0 and not self.done:
+            rl.start_ppo()
+            rl.evaluate("before_ppo", self)
+        while not self.done and not rl.stop_requested():
+            metrics = rl.step(show_samples=bool(self.cfg.log_samples_interval) and (self.step + 1) % self.cfg.log_samples_interval == 0)
+            self.step += 1
+            self.done = self.step >= self.total
+            rl.log(self, metrics)
+            if self.done:
+                rl.evaluate("after_ppo", self)
+            elif self.cfg.eval_interval and self.step % self.cfg.eval_interval == 0:
+                rl.evaluate(f"ppo_step_{self.step}", self)
+            rl.maybe_save(self)
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "done": self.done}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step, self.done = state["step"], state["done"]
+
+
+class RLTrainer:
+    """The whole RL run of one rank (see the module docstring).
+
+    ``records``: training prompts (:class:`data.prompts.PromptRecord`); ``router``: the
+    reward router; ``held_out``: prompts of the held-out evaluation
+    (:class:`rl.evaluate.HeldOutEvaluator` on the actor's weights, scored against their
+    ground truth; None or empty: no evaluation); ``engine``: the rollout engine (default:
+    the in-process :class:`~rl.rollout.engine.RolloutEngine` on the actor's chunks);
+    ``system``: system prompt of every rollout.
+    """
+
+    def __init__(self, cfg: Config, ps: ParallelState, tokenizer, records: Sequence, router, held_out: Optional[Sequence] = None,
+                 engine=None, system: Optional[str] = None, progress: Optional[bool] = None):
+        r, n = cfg.rl, cfg.rollout.samples_per_prompt
+        if r.prompts_per_step % ps.dp_size:
+            raise ConfigError(f"rl.prompts_per_step={r.prompts_per_step} is not divisible by dp={ps.dp_size}; "
+                              f"fix: make it a multiple of {ps.dp_size}")
+        local_rows = r.prompts_per_step // ps.dp_size * n
+        if local_rows % r.mini_batches:
+            raise ConfigError(f"{local_rows} rollout rows per dp rank are not divisible by rl.mini_batches={r.mini_batches}; "
+                              f"fix: make rl.prompts_per_step / dp x rollout.samples_per_prompt a multiple of it")
+        if not records:
+            raise ConfigError("RL: no training prompts")
+        self.cfg, self.ps, self.tokenizer, self.router, self.system = cfg, ps, tokenizer, router, system
+        self.save_dir = cfg.train.save_dir
+        rows_per_update = r.prompts_per_step * n // r.mini_batches
+        actor_cfg, critic_cfg = rl_trainer_config(cfg, "actor", rows_per_update, ps.dp_size), rl_trainer_config(cfg, "critic", rows_per_update,
+                                                                                                    ps.dp_size)
+        actor_cfg.train.save_dir, critic_cfg.train.save_dir = os.path.join(self.save_dir, "actor"), os.path.join(self.save_dir, "critic")
+        self.actor, self.critic = Trainer(actor_cfg, ps), Trainer(critic_cfg, ps)
+        if cfg.train.load_dir:  # a pretrained / SFT policy (weights only, saved under any layout)
+            checkpoint.load_model_weights(self.actor.chunks, ps, cfg.train.load_dir)
+            self.actor.optimizer.sync_master_from_params()
+        init_critic_from_actor(self.critic, self.actor)
+        # the frozen reference of the KL term: the policy PPO starts from
+        self.reference = build_model_chunks(cfg.model, cfg.parallel, ps, cfg.train.seed) if r.kl_coef > 0 else None
+        self.sampler = DomainSampler(split_by_domain(records), r, seed=cfg.train.seed)
+        self.engine = engine if engine is not None else RolloutEngine(self.actor.chunks, ps, cfg.rollout, tokenizer=tokenizer,
+                                                                      seed=cfg.train.seed)
+        self.ppo = PPOTrainer(self.actor, self.critic, r, reference=self.reference,
+                              recompute_logprobs=not isinstance(self.engine, RolloutEngine))
+        self.evaluator = None
+        if held_out:
+            from rl.evaluate import HeldOutEvaluator
+
+            self.evaluator = HeldOutEvaluator(held_out, self.actor.chunks, ps, cfg.rollout, tokenizer, cfg.train.seed + 1,
+                                              r.eval_samples, system)
+        self.phases = [ValuePretrainPhase(r), PPOPhase(r)]
+        self.evals: dict = {}  # name -> per-domain greedy accuracy (and "all")
+        self.logging = self.actor.is_logging_rank
+        self.progress = cfg.train.progress if progress is None else progress
+        self.logger = MetricsLogger(os.path.join(self.save_dir, "metrics.jsonl"), enabled=self.logging,
+                                    tensorboard_dir=os.path.join(self.save_dir, "tensorboard"))
+        self._bar = None
+        self._stop = False
+
+    # ------------------------------------------------------------------ building
+    @classmethod
+    def from_config(cls, cfg: Config, prompts_path: Optional[str] = None, num_tasks: int = 512, **kwargs) -> "RLTrainer":
+        """Everything from ``cfg``: groups (torchrun / SLURM or one process), tokenizer, prompts (a JSONL
+        file, else generated verifiable tasks), the reward router, the rollout engine and the evaluator."""
+        from data.prompts import load_prompts
+        from data.tasks import SYSTEM_PROMPT, generate_prompts
+        from data.tokenizer import load_tokenizer
+        from megatron_seed.parallel.state import init_distributed
+        from rl.rewards.factory import admit_prompts, build_reward_router
+
+        rank, world = init_distributed(cfg.parallel.backend)
+        ps = ParallelState.build(cfg.parallel, world, rank)
+        if not torch.cuda.is_available() and world == 1:
+            torch.set_num_threads(max(1, os.cpu_count() or 1))
+        tokenizer = load_tokenizer(cfg.data.tokenizer)
+        if tokenizer.vocab_size > cfg.model.vocab_size:
+            raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size}; "
+                              "fix: raise model.vocab_size")
+        prompts_path = prompts_path or cfg.data.prompts
+        if prompts_path:
+            records, report = load_prompts(prompts_path)
+            if not records:
+                raise ConfigError(f"{prompts_path}: no valid prompt records ({report.summary()})")
+        else:
+            records = generate_prompts(num_tasks, seed=cfg.train.seed, families=TASK_FAMILIES, difficulty=(1, 2))
+        if cfg.rl.eval_prompts:  # generated held-out tasks (another seed) that never appear in training
+            from rl.evaluate import exclude_prompts
+
+            held_out = generate_prompts(cfg.rl.eval_prompts, seed=cfg.train.seed + 1, families=TASK_FAMILIES, difficulty=(1, 2))
+            records = exclude_prompts(records, held_out)
+            kwargs.setdefault("held_out", held_out)
+        if cfg.rollout.engine == "external" and "engine" not in kwargs:
+            from data.chat import ChatTemplate
+            from rl.rollout.external import HTTPCompletionsEngine, OneQueryPerReplica
+
+            kwargs["engine"] = OneQueryPerReplica(HTTPCompletionsEngine.from_config(
+                cfg.rollout, cfg.model, ChatTemplate(tokenizer).stop_ids, tokenizer.pad_id), ps)
+        router = build_reward_router(cfg)
+        admit_prompts(records, router)  # prompts the router cannot score are refused before any training
+        return cls(cfg, ps, tokenizer, records, router, system=SYSTEM_PROMPT, **kwargs)
+
+    def start_ppo(self) -> None:
+        """Freeze the reference policy of the KL term: the policy PPO starts from (after any SFT)."""
+        if self.reference is not None:
+            with torch.no_grad():
+                for ref, actor in zip(self.reference, self.actor.chunks):
+                    ref.load_state_dict(actor.state_dict())
+
+    # ------------------------------------------------------------------ one step
+    def rollout(self, show_samples: bool = False) -> tuple:
+        """Sample and score this rank's share of one step's prompts: ``(batch, metrics, domain_results)``."""
+        r = self.cfg.rl
+        drawn = self.sampler.sample(r.prompts_per_step)  # identical on every rank; each dp rank takes its share
+        mine = [p.record for p in local_prompts(drawn, self.ps)]
+        t0 = time.perf_counter()
+        rollout = self.engine.generate(render_prompts(mine, self.tokenizer, self.system), n=self.cfg.rollout.samples_per_prompt)
+        t1 = time.perf_counter()
+        results = score_rollout(rollout, mine, self.router, self.tokenizer, [int(i) for i in self.engine.stop_ids])
+        t2 = time.perf_counter()
+        rewards, correct = [x.reward for x in results], [x.correct for x in results]
+        batch = from_rollout(rollout, rewards, correct)
+        # a score that says nothing about the answer (the scorer failed) stays out of every loss and normaliser
+        batch["trained_B"] = torch.tensor(loss_mask(results), dtype=torch.bool)
+        counts = reason_counts(results)
+        packet = torch.tensor([float(rollout.response_lengths_B.sum())] + [float(v) for v in counts.values()], dtype=torch.float64)
+        tokens, *counts_total = all_reduce_no_grad(packet, self.ps.group("dp")).tolist()
+        metrics = {"time/generate_s": t1 - t0, "time/score_s": t2 - t1, "rollout/tokens": tokens,
+                   **{f"reward/{k}": v for k, v in zip(counts, counts_total)}}
+        if show_samples and self.logging:
+            self._show_samples(mine, rollout, results)
+        return batch, metrics, (mine, rewards, correct)
+
+    def step(self, show_samples: bool = False) -> dict:
+        """One PPO step (see the module docstring); the step's metrics, the same on every rank."""
+        t0 = time.perf_counter()
+        batch, metrics, (mine, rewards, correct) = self.rollout(show_samples)
+        t1 = time.perf_counter()
+        metrics.update(self.ppo.step(batch))
+        metrics["time/train_s"] = time.perf_counter() - t1
+        self._sync_external_engine()  # the server generates the next step with the updated policy
+        by_reward, by_correct = self._gather_by_domain(mine, rewards, correct)
+        metrics.update(self.sampler.update(by_reward, by_correct))
+        for d, flags in by_correct.items():
+            metrics[f"rollout/accuracy/{d}"] = sum(sum(g) for g in flags) / sum(len(g) for g in flags)
+        seconds = time.perf_counter() - t0
+        metrics["time/step_s"] = seconds
+        metrics["rollout/tokens_per_s"] = metrics["rollout/tokens"] / seconds
+        return metrics
+
+    def _sync_external_engine(self) -> None:
+        """Write the policy's weights for an external server (vLLM / SGLang) and have it reload them."""
+        if hasattr(self.engine, "sync_weights_from"):
+            from megatron_seed.parallel.sharding import full_state_dict
+
+            self.engine.sync_weights_from(full_state_dict(self.actor.chunks, self.ps))
+
+    def _gather_by_domain(self, records: list, rewards: list, correct: list) -> tuple:
+        """``{domain: [G, n]}`` rewards and correct flags over every dp rank (the sampler needs the global step)."""
+        n = self.cfg.rollout.samples_per_prompt
+        groups = [(rec.domain, rewards[i * n:(i + 1) * n], correct[i * n:(i + 1) * n]) for i, rec in enumerate(records)]
+        if self.ps.dp_size > 1:
+            gathered: list = [None] * self.ps.dp_size
+            dist.all_gather_object(gathered, groups, group=self.ps.group("dp"))
+            groups = [g for part in gathered for g in part]
+        by_reward: dict = {}
+        by_correct: dict = {}
+        for domain, rs, cs in groups:
+            by_reward.setdefault(domain, []).append(rs)
+            by_correct.setdefault(domain, []).append(cs)
+        return by_reward, by_correct
+
+    def evaluate(self, name: str, phase=None) -> Optional[dict]:
+        """Held-out evaluation of the current policy, recorded as ``name``; its metrics (None without an evaluator)."""
+        if self.evaluator is None:
+            return None
+        report = self.evaluator.evaluate()
+        self.evals[name] = {**report.greedy_acc, "all": report.overall_greedy_acc}
+        metrics = report.metrics("eval")
+        if phase is not None:
+            self.log(phase, metrics, line=False)
+        return metrics
+
+    # ------------------------------------------------------------------ what a user sees
+    def log(self, phase, metrics: dict, line: bool = True) -> None:
+        """``metrics`` under the phase's prefix and step counter: JSONL, TensorBoard and (``line``) one console line."""
+        if not self.logging:
+            return
+        write = self._bar.write if self._bar is not None else print
+        self.logger.log(phase.step, {"phase": phase.name, **{f"{phase.name}/{k}": v for k, v in metrics.items()}}, echo=False)
+        if line:
+            if self._bar is not None:
+                self._bar.update(1)
+            write(step_line(phase.name, phase.step, phase.total, metrics))
+        else:
+            write(f"{phase.name} {phase.step}: " + "  ".join(f"{k} {_num(v)}" for k, v in metrics.items()))
+
+    def _show_samples(self, records: list, rollout, results: list) -> None:
+        from rl.experience import response_texts
+
+        texts = response_texts(rollout, self.tokenizer, [int(i) for i in self.engine.stop_ids])
+        write = self._bar.write if self._bar is not None else print
+        for b in range(min(self.cfg.rl.log_samples, len(texts))):
+            record = records[int(rollout.prompt_index_B[b])]
+            res = results[b]
+            write(f"  sample [{record.domain}] {_short(record.prompt, 100)!r}\n"
+                  f"    -> {_short(texts[b], 160)!r}\n    reward {res.reward:.3f} ({res.reason})")
+
+    def summary_table(self) -> str:
+        """Held-out greedy accuracy before PPO (after any SFT) and after PPO, per domain."""
+        before, after = self.evals.get("before_ppo"), self.evals.get("after_ppo")
+        if not before or not after:
+            return "no held-out evaluation before and after PPO (rl.eval_prompts=0 or PPO not finished)"
+        rows = [f"{'domain':<20}{'before PPO':>12}{'after PPO':>12}{'gain':>9}"]
+        for d in sorted(k for k in before if k != "all") + ["all"]:
+            b, a = before.get(d, float("nan")), after.get(d, float("nan"))
+            rows.append(f"{d:<20}{100 * b:>11.1f}%{100 * a:>11.1f}%{100 * (a - b):>+8.1f}")
+        return "\n".join(rows)
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict:
+        """Everything of the run that is not in the actor / critic trainers' own checkpoints."""
+        state = {"phases": {p.name: p.state_dict() for p in self.phases}, "sampler": self.sampler.state_dict(), "evals": self.evals}
+        if isinstance(self.engine, RolloutEngine):
+            state["engine_rng"] = self.engine.generator.get_state()
+        if self.reference is not None:
+            state["reference"] = [m.state_dict() for m in self.reference]
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        for p in self.phases:
+            if p.name in state["phases"]:
+                p.load_state_dict(state["phases"][p.name])
+        self.sampler.load_state_dict(state["sampler"])
+        self.evals = dict(state["evals"])
+        if "engine_rng" in state and isinstance(self.engine, RolloutEngine):
+            self.engine.generator.set_state(state["engine_rng"])
+        if self.reference is not None:
+            for m, s in zip(self.reference, state["reference"]):
+                m.load_state_dict(s)
+
+    def save(self) -> str:
+        """Collective: critic, then actor with the run state (the actor's ``latest`` marks a complete checkpoint)."""
+        self.critic.save({"actor_step": self.actor.step})
+        path = self.actor.save({"rl": self.state_dict()})
+        if self.logging:
+            (self._bar.write if self._bar is not None else print)(f"saved {path}")
+        return path
+
+    def maybe_save(self, phase) -> None:
+        interval = self.cfg.train.save_interval
+        if phase.done or self._stop or (interval and phase.step % interval == 0):
+            self.save()
+
+    def resume(self) -> bool:
+        """Load the latest checkpoint under ``train.save_dir`` if there is one; True when resumed."""
+        actor_dir = os.path.join(self.save_dir, "actor")
+        if checkpoint.latest_checkpoint(actor_dir) is None:
+            return False
+        state = self.actor.load(actor_dir)
+        critic_state = self.critic.load(os.path.join(self.save_dir, "critic"))
+        if critic_state.get("actor_step") != self.actor.step:
+            raise checkpoint.CheckpointError(
+                f"{os.path.join(self.save_dir, 'critic')}: its latest checkpoint belongs to actor step {critic_state.get('actor_step')}, "
+                f"the actor's latest is step {self.actor.step} (a save was interrupted); fix: point both 'latest' files at one save")
+        self.load_state_dict(state["rl"])
+        return True
+
+    # ------------------------------------------------------------------ the run
+    def stop_requested(self) -> bool:
+        """True on every rank once any rank got Ctrl-C (all ranks must stop at the same step)."""
+        flag = torch.tensor([float(self._stop)])
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        self._stop = bool(flag.item())
+        return self._stop
+
+    def fit(self) -> dict:
+        """Run every phase not done yet; Ctrl-C saves and returns. Returns ``{"evals", "stopped"}``."""
+        previous = signal.signal(signal.SIGINT, self._on_sigint) if _main_thread() else None
+        try:
+            self._sync_external_engine()  # the server starts from the policy as built or resumed
+            for phase in self.phases:
+                if phase.done:
+                    continue
+                self._bar = progress_bar(phase.total, phase.step, self.progress and self.logging, phase.name)
+                try:
+                    phase.run(self)
+                finally:
+                    self._bar.close()
+                    self._bar = None
+                if self._stop:
+                    if self.logging:
+                        print(f"stopped by Ctrl-C in {phase.name} at step {phase.step}; resume with --resume", flush=True)
+                    break
+            else:
+                if self.logging:
+                    self.finish()
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGINT, previous)
+            self.logger.close()
+        return {"evals": self.evals, "stopped": self._stop}
+
+    def _on_sigint(self, signum, frame) -> None:
+        if self._stop:  # a second Ctrl-C: stop now, without the save
+            raise KeyboardInterrupt
+        self._stop = True
+
+    def finish(self) -> None:
+        """End of the run (logging rank): plots next to the checkpoints and the before / after table."""
+        path = plot_metrics(os.path.join(self.save_dir, "metrics.jsonl"), os.path.join(self.save_dir, "rl_curves.png"))
+        print(f"plots: {path}")
+        print(self.summary_table(), flush=True)
+
+
+# ----------------------------------------------------------------------------- console and plots
+
+_LINE = (("reward", "rollout/reward_mean"), ("acc", "rollout/pass_rate"), ("len", "rollout/response_length"),
+         ("kl_ref", "actor/kl_ref"), ("kl_old", "actor/approx_kl"), ("clip_lo", "actor/clip_frac_low"),
+         ("clip_hi", "actor/clip_frac_high"), ("vloss", "critic/value_loss"), ("ev", "critic/explained_variance"),
+         ("H", "actor/entropy"), ("value_loss", "value_loss"), ("ev", "explained_variance"))
+
+
+def step_line(phase: str, step: int, total: int, metrics: dict) -> str:
+    """One concise console line of a step's metrics."""
+    parts = [f"{phase} {step}/{total}"]
+    parts += [f"{label} {_num(metrics[key])}" for label, key in _LINE if key in metrics]
+    weights = {k.rsplit("/", 1)[1]: v for k, v in metrics.items() if k.startswith("adapt/weight/")}
+    if weights:
+        parts.append("w " + ",".join(f"{d[:5]}={v:.2f}" for d, v in weights.items()))
+    if "rollout/tokens_per_s" in metrics:
+        parts.append(f"{metrics['rollout/tokens_per_s']:.0f} tok/s")
+    times = [(label, metrics[key]) for label, key in (("gen", "time/generate_s"), ("score", "time/score_s"), ("train", "time/train_s"))
+             if key in metrics]
+    if times:
+        parts.append(" ".join(f"{label} {v:.1f}s" for label, v in times))
+    elif "seconds" in metrics:
+        parts.append(f"{metrics['seconds']:.1f}s")
+    return " | ".join(parts)
+
+
+def _num(v) -> str:
+    if not isinstance(v, (int, float)):
+        return str(v)
+    if not math.isfinite(v):
+        return "nan"
+    return f"{v:.3g}" if abs(v) >= 1e-3 or v == 0 else f"{v:.1e}"
+
+
+def _short(text: str, n: int) -> str:
+    return text if len(text) <= n else text[:n - 3] + "..."
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def plot_metrics(jsonl_path: str, png_path: str) -> str:
+    """Reward and held-out accuracy, response length, domain weights and explained variance over PPO
+    steps (value pretraining's explained variance beside it), from ``metrics.jsonl``; one PNG."""
+    import json
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series: dict = {}
+    with open(jsonl_path) as f:
+        for line in f:
+            record = json.loads(line)
+            for k, v in record.items():
+                if isinstance(v, float):
+                    series.setdefault(k, {})[record["step"]] = v  # a resumed run rewrites a step: the last value wins
+
+    def plot(ax, key: str, label: str) -> None:
+        if key in series:
+            steps = sorted(series[key])
+            ax.plot(steps, [series[key][s] for s in steps], marker=".", label=label)
+
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7))
+    ax = axes[0][0]
+    plot(ax, "ppo/rollout/reward_mean", "reward")
+    plot(ax, "ppo/rollout/pass_rate", "rollout accuracy")
+    plot(ax, "ppo/eval/greedy_acc", "held-out accuracy (greedy)")
+    ax.set_title("reward and accuracy")
+    plot(axes[0][1], "ppo/rollout/response_length", "response length")
+    axes[0][1].set_title("response length (tokens)")
+    for k in sorted(series):
+        if k.startswith("ppo/adapt/weight/"):
+            plot(axes[1][0], k, k.rsplit("/", 1)[1])
+    axes[1][0].set_title("domain weights")
+    plot(axes[1][1], "ppo/critic/explained_variance", "PPO")
+    plot(axes[1][1], "value_pretrain/explained_variance", "value pretraining")
+    axes[1][1].set_title("explained variance")
+    for ax in axes.flat:
+        ax.set_xlabel("step")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=100)
+    plt.close(fig)
+    return png_path

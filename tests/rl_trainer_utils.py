@@ -1,0 +1,36 @@
+"""A tiny RL run for the RL trainer's tests: 2-layer MoE on the bundled tokenizer, generated math tasks."""
+from __future__ import annotations
+
+from megatron_seed.config import load_config
+from rl.rewards.base import RewardResult
+
+# applied over configs/rl-tiny.yaml: a model and rollouts small enough for a shared 2-core machine
+TINY_RL = [
+    "model.hidden_size=32", "model.num_layers=2", "model.num_attention_heads=4", "model.num_kv_heads=2", "model.head_dim=8",
+    "model.moe.num_experts=4", "model.moe.top_k=2", "model.moe.ffn_size=32", "model.moe.shared_ffn_size=32",
+    "model.max_seq_len=256", "train.seq_len=256", "train.micro_batch_size=4", "train.progress=false",
+    "rollout.max_new_tokens=6", "rollout.samples_per_prompt=2", "rl.prompts_per_step=4", "rl.value_pretrain_steps=0",
+    "rl.steps=1", "rl.ppo_epochs=2", "rl.mini_batches=2", "rl.actor_lr=1e-2", "rl.critic_lr=1e-2", "rl.log_samples_interval=0",
+    "train.save_interval=0",
+]
+
+
+def tiny_rl_config(save_dir, *overrides: str):
+    return load_config("rl-tiny", None, TINY_RL + [f"train.save_dir={save_dir}", *overrides])
+
+
+def math_records(n: int = 16, seed: int = 0) -> list:
+    """Generated arithmetic tasks in two domains (``add`` and ``mul`` by position), so the domain sampler adapts."""
+    import dataclasses
+
+    from data.tasks import generate_prompts
+
+    records = generate_prompts(n, seed=seed, families=("arithmetic",), difficulty=(1, 1))
+    return [dataclasses.replace(r, domain=("add", "mul")[i % 2]) for i, r in enumerate(records)]
+
+
+class ParityRouter:
+    """A reward with variance on an untrained policy: 1 for a response of even length in characters, else 0."""
+
+    def score_batch(self, samples) -> list:
+        return [RewardResult(float(len(s.response) % 2 == 0), len(s.response) % 2 == 0, "parity") for s in samples]
