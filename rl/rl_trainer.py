@@ -44,7 +44,7 @@ import torch.distributed as dist
 
 from megatron_seed.config import Config, ConfigError
 from megatron_seed.model.build import build_model_chunks
-from megatron_seed.parallel.mappings import all_reduce_no_grad
+from megatron_seed.parallel.mappings import reduce_scalars
 from megatron_seed.parallel.state import ParallelState
 from megatron_seed.train import checkpoint
 from megatron_seed.train.metrics import MetricsLogger
@@ -55,9 +55,6 @@ from rl.rewards.base import loss_mask, reason_counts
 from rl.ppo import PPOTrainer, init_critic_from_actor, rl_trainer_config
 from rl.rollout.engine import RolloutEngine, local_prompts
 from rl.value_pretrain import PlateauStopper, value_pretrain_step
-
-TASK_FAMILIES = ("arithmetic", "linear_equation", "program")
-
 
 class ValuePretrainPhase:
     """Fit the critic to Monte-Carlo returns of the starting policy (``rl.value_pretrain_*``)."""
@@ -169,7 +166,7 @@ class RLTrainer:
         self.engine = engine if engine is not None else RolloutEngine(self.actor.chunks, ps, cfg.rollout, tokenizer=tokenizer,
                                                                       seed=cfg.train.seed)
         self.ppo = PPOTrainer(self.actor, self.critic, r, reference=self.reference,
-                              recompute_logprobs=not isinstance(self.engine, RolloutEngine))
+                              recompute_logprobs=not isinstance(self.engine, RolloutEngine), temperature=cfg.rollout.temperature)
         self.evaluator = None
         if held_out:
             from rl.evaluate import HeldOutEvaluator
@@ -205,16 +202,17 @@ class RLTrainer:
             raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size}; "
                               "fix: raise model.vocab_size")
         prompts_path = prompts_path or cfg.data.prompts
+        families, difficulty = cfg.data.task_families, tuple(cfg.data.task_difficulty)
         if prompts_path:
             records, report = load_prompts(prompts_path)
             if not records:
                 raise ConfigError(f"{prompts_path}: no valid prompt records ({report.summary()})")
         else:
-            records = generate_prompts(num_tasks, seed=cfg.train.seed, families=TASK_FAMILIES, difficulty=(1, 2))
+            records = generate_prompts(num_tasks, seed=cfg.train.seed, families=families, difficulty=difficulty)
         if cfg.rl.eval_prompts:  # generated held-out tasks (another seed) that never appear in training
             from rl.evaluate import exclude_prompts
 
-            held_out = generate_prompts(cfg.rl.eval_prompts, seed=cfg.train.seed + 1, families=TASK_FAMILIES, difficulty=(1, 2))
+            held_out = generate_prompts(cfg.rl.eval_prompts, seed=cfg.train.seed + 1, families=families, difficulty=difficulty)
             records = exclude_prompts(records, held_out)
             kwargs.setdefault("held_out", held_out)
         if cfg.rollout.engine == "external" and "engine" not in kwargs:
@@ -250,8 +248,8 @@ class RLTrainer:
         # a score that says nothing about the answer (the scorer failed) stays out of every loss and normaliser
         batch["trained_B"] = torch.tensor(loss_mask(results), dtype=torch.bool)
         counts = reason_counts(results)
-        packet = torch.tensor([float(rollout.response_lengths_B.sum())] + [float(v) for v in counts.values()], dtype=torch.float64)
-        tokens, *counts_total = all_reduce_no_grad(packet, self.ps.group("dp")).tolist()
+        tokens, *counts_total = reduce_scalars([rollout.response_lengths_B.sum()] + list(counts.values()), self.ps.group("dp"),
+                                               device=self.ps.device)
         metrics = {"time/generate_s": t1 - t0, "time/score_s": t2 - t1, "rollout/tokens": tokens,
                    **{f"reward/{k}": v for k, v in zip(counts, counts_total)}}
         if show_samples and self.logging:
@@ -396,10 +394,8 @@ class RLTrainer:
     # ------------------------------------------------------------------ the run
     def stop_requested(self) -> bool:
         """True on every rank once any rank got Ctrl-C (all ranks must stop at the same step)."""
-        flag = torch.tensor([float(self._stop)])
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        self._stop = bool(flag.item())
+        (flag,) = reduce_scalars([float(self._stop)], self.ps.group("world"), dist.ReduceOp.MAX, device=self.ps.device)
+        self._stop = flag > 0
         return self._stop
 
     def fit(self) -> dict:
