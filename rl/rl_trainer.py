@@ -189,18 +189,11 @@ class RLTrainer:
         file, else generated verifiable tasks), the reward router, the rollout engine and the evaluator."""
         from data.prompts import load_prompts
         from data.tasks import SYSTEM_PROMPT, generate_prompts
-        from data.tokenizer import load_tokenizer
-        from megatron_seed.parallel.state import init_distributed
+        from megatron_seed.train.run_setup import load_run_tokenizer, start_run
         from rl.rewards.factory import admit_prompts, build_reward_router
 
-        rank, world = init_distributed(cfg.parallel.backend)
-        ps = ParallelState.build(cfg.parallel, world, rank)
-        if not torch.cuda.is_available() and world == 1:
-            torch.set_num_threads(max(1, os.cpu_count() or 1))
-        tokenizer = load_tokenizer(cfg.data.tokenizer)
-        if tokenizer.vocab_size > cfg.model.vocab_size:
-            raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size}; "
-                              "fix: raise model.vocab_size")
+        ps = start_run(cfg)
+        tokenizer = load_run_tokenizer(cfg)
         prompts_path = prompts_path or cfg.data.prompts
         families, difficulty = cfg.data.task_families, tuple(cfg.data.task_difficulty)
         if prompts_path:

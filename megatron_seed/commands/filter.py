@@ -32,12 +32,12 @@ def run(args: argparse.Namespace) -> int:
 
     from data.filters import FilterConfig
     from data.tasks import SYSTEM_PROMPT
-    from data.tokenizer import load_tokenizer
     from data.prompts import load_prompts
     from megatron_seed.config import ConfigError, load_config
     from megatron_seed.model.build import build_model_chunks
     from megatron_seed.parallel.state import ParallelState
     from megatron_seed.train.checkpoint import load_model_weights
+    from megatron_seed.train.run_setup import load_run_tokenizer
     from rl.filter_prompts import engine_policy, filter_prompt_file
     from rl.rewards.factory import admit_prompts, build_reward_router
     from rl.rollout.engine import RolloutEngine
@@ -50,9 +50,7 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise ConfigError(str(e)) from None
     ps = ParallelState.single()
-    tokenizer = load_tokenizer(cfg.data.tokenizer)
-    if tokenizer.vocab_size > cfg.model.vocab_size:
-        raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size}; fix: raise model.vocab_size")
+    tokenizer = load_run_tokenizer(cfg)
     chunks = build_model_chunks(cfg.model, cfg.parallel, ps, cfg.train.seed)
     if cfg.train.load_dir:
         load_model_weights(chunks, ps, cfg.train.load_dir)

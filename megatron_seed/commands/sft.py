@@ -34,25 +34,17 @@ def sft_main(cfg) -> int:
     import os
     import sys
 
-    import torch
-
-    from data.tokenizer import load_tokenizer
     from megatron_seed.config import ConfigError
-    from megatron_seed.parallel.state import ParallelState, init_distributed
     from megatron_seed.train import checkpoint
     from megatron_seed.train.metrics import MetricsLogger
+    from megatron_seed.train.run_setup import load_run_tokenizer, start_run
     from megatron_seed.train.sft import SFT, sft_conversations
     from megatron_seed.train.trainer import NonFiniteLossError
 
     if cfg.sft.steps < 1:
         raise ConfigError(f"sft.steps={cfg.sft.steps}: megatron-seed sft needs at least one step; fix: --set sft.steps=200")
-    rank, world = init_distributed(cfg.parallel.backend)
-    ps = ParallelState.build(cfg.parallel, world, rank)
-    if not torch.cuda.is_available() and world == 1:
-        torch.set_num_threads(max(1, os.cpu_count() or 1))
-    tokenizer = load_tokenizer(cfg.data.tokenizer)
-    if tokenizer.vocab_size > cfg.model.vocab_size:
-        raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size}; fix: raise model.vocab_size")
+    ps = start_run(cfg)
+    tokenizer = load_run_tokenizer(cfg)
     sft = SFT(cfg, ps, tokenizer, sft_conversations(cfg))
     if cfg.train.load_dir:  # weights only: the SFT optimizer and schedule start fresh
         checkpoint.load_model_weights(sft.trainer.chunks, ps, cfg.train.load_dir)

@@ -28,26 +28,17 @@ def pretrain(cfg, resume: bool = False) -> int:
     import os
     import sys
 
-    import torch
-
     from data.pretrain import batch_iterator, build_pretrain_dataset
-    from data.tokenizer import load_tokenizer
-    from megatron_seed.parallel.state import ParallelState, init_distributed, rank_map
+    from megatron_seed.parallel.state import rank_map
     from megatron_seed.train.checkpoint import latest_checkpoint
     from megatron_seed.train.metrics import MetricsLogger
+    from megatron_seed.train.run_setup import load_run_tokenizer, start_run
     from megatron_seed.train.trainer import NonFiniteLossError, Trainer
 
-    rank, world = init_distributed(cfg.parallel.backend)
-    ps = ParallelState.build(cfg.parallel, world, rank)
-    if rank == 0 and world > 1:
+    ps = start_run(cfg)
+    if ps.rank == 0 and ps.layout.world > 1:
         print(rank_map(ps.layout), flush=True)
-    if not torch.cuda.is_available() and world == 1:
-        torch.set_num_threads(max(1, os.cpu_count() or 1))
-    tokenizer = load_tokenizer(cfg.data.tokenizer)
-    if tokenizer.vocab_size > cfg.model.vocab_size:
-        from megatron_seed.config import ConfigError
-
-        raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size}; fix: raise model.vocab_size")
+    tokenizer = load_run_tokenizer(cfg)
     trainer = Trainer(cfg, ps)
     if resume and latest_checkpoint(cfg.train.save_dir) is not None:
         trainer.load(cfg.train.save_dir)
