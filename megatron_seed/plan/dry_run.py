@@ -42,6 +42,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
+import site
+import sys
 import traceback
 import weakref
 from dataclasses import dataclass, field
@@ -156,12 +158,14 @@ class _Run:
 
 _ACTIVE: Optional[_Run] = None
 _REPO = str(Path(__file__).resolve().parents[2]) + os.sep
+# A virtual environment inside the checkout (``make setup`` makes ``.venv`` there) is not the project's code.
+_LIBRARIES = tuple({os.path.join(p, "") for p in (sys.prefix, sys.base_prefix, *site.getsitepackages())})
 
 
 def _call_site(depth: int = 3) -> str:
     """``path:line`` of the ``depth`` innermost frames in the project's code outside this file, innermost first."""
     frames = [f"{f.filename[len(_REPO):]}:{f.lineno}" for f in reversed(traceback.extract_stack())
-              if f.filename.startswith(_REPO) and f.filename != __file__]
+              if f.filename.startswith(_REPO) and not f.filename.startswith(_LIBRARIES) and f.filename != __file__]
     return " <- ".join(frames[:depth]) or "outside the project"
 
 
