@@ -2,9 +2,12 @@
 
 Phases run in order on one :class:`~megatron_seed.parallel.state.ParallelState` and one
 set of weights (colocated: the rollout engine generates with the actor's chunks). Each
-is optional and resumable; a phase is an object with a ``name``, ``run(rl)`` (steps until
-it is done or a stop is requested) and ``state_dict`` / ``load_state_dict``:
+is optional (its step count 0) and resumable mid-way; a phase is an object with a ``name``,
+``step``, ``total``, ``done``, ``run(rl)`` (steps until it is done or a stop is requested)
+and ``state_dict`` / ``load_state_dict``:
 
+* ``sft`` (``sft.steps > 0``): the actor learns worked solutions (:mod:`rl.sft_phase`); at
+  its end the actor's optimizer takes the SFT weights and the critic starts from them;
 * ``value_pretrain`` (``rl.value_pretrain_steps > 0``): the critic fits the Monte-Carlo
   returns of the frozen starting policy (:mod:`rl.value_pretrain`), stopping on a plateau;
 * ``ppo`` (``rl.steps``): :meth:`RLTrainer.step` per step, a held-out evaluation
@@ -54,6 +57,7 @@ from rl.experience import from_rollout, render_prompts, score_rollout
 from rl.rewards.base import loss_mask, reason_counts
 from rl.ppo import PPOTrainer, init_critic_from_actor, rl_trainer_config
 from rl.rollout.engine import RolloutEngine, local_prompts
+from rl.sft_phase import SFTPhase
 from rl.value_pretrain import PlateauStopper, value_pretrain_step
 
 class ValuePretrainPhase:
@@ -134,7 +138,7 @@ class RLTrainer:
     (:class:`rl.evaluate.HeldOutEvaluator` on the actor's weights, scored against their
     ground truth; None or empty: no evaluation); ``engine``: the rollout engine (default:
     the in-process :class:`~rl.rollout.engine.RolloutEngine` on the actor's chunks);
-    ``system``: system prompt of every rollout.
+    ``system``: system prompt of every rollout. Phases: ``sft`` -> ``value_pretrain`` -> ``ppo``.
     """
 
     def __init__(self, cfg: Config, ps: ParallelState, tokenizer, records: Sequence, router, held_out: Optional[Sequence] = None,
@@ -173,7 +177,8 @@ class RLTrainer:
 
             self.evaluator = HeldOutEvaluator(held_out, self.actor.chunks, ps, cfg.rollout, tokenizer, cfg.train.seed + 1,
                                               r.eval_samples, system)
-        self.phases = [ValuePretrainPhase(r), PPOPhase(r)]
+        held_out_prompts = [rec.prompt for rec in held_out or ()]
+        self.phases = [SFTPhase(cfg, self.actor, tokenizer, held_out_prompts), ValuePretrainPhase(r), PPOPhase(r)]
         self.evals: dict = {}  # name -> per-domain greedy accuracy (and "all")
         self.logging = self.actor.is_logging_rank
         self.progress = cfg.train.progress if progress is None else progress
@@ -432,7 +437,7 @@ class RLTrainer:
 
 # ----------------------------------------------------------------------------- console and plots
 
-_LINE = (("reward", "rollout/reward_mean"), ("acc", "rollout/pass_rate"), ("len", "rollout/response_length"),
+_LINE = (("loss", "loss"), ("reward", "rollout/reward_mean"), ("acc", "rollout/pass_rate"), ("len", "rollout/response_length"),
          ("kl_ref", "actor/kl_ref"), ("kl_old", "actor/approx_kl"), ("clip_lo", "actor/clip_frac_low"),
          ("clip_hi", "actor/clip_frac_high"), ("vloss", "critic/value_loss"), ("ev", "critic/explained_variance"),
          ("H", "actor/entropy"), ("value_loss", "value_loss"), ("ev", "explained_variance"))

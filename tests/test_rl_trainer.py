@@ -1,5 +1,6 @@
-"""RLTrainer: parallel layouts equal one process through the production prompt sharding; logged values
-show value pretraining first and every recipe knob reaching its loss; a crashing scorer does not stop the run."""
+"""RLTrainer: parallel layouts equal one process through the production prompt sharding; the phases run
+SFT -> value pretraining -> PPO, SFT trains the actor, seeds the critic and resumes mid-phase exactly;
+logged values show every recipe knob reaching its loss; a crashing scorer does not stop the run."""
 from __future__ import annotations
 
 import dataclasses
@@ -7,12 +8,14 @@ import json
 import math
 
 import pytest
+import torch
 
 from data.tokenizer import load_tokenizer
 from megatron_seed.config import ConfigError
 from megatron_seed.parallel.spawn import run_distributed
 from megatron_seed.parallel.state import ParallelState
 from rl.rl_trainer import RLTrainer
+from tests.numerics import assert_close_rel
 from tests.rl_trainer_utils import ParityRouter, math_records, tiny_rl_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -70,18 +73,71 @@ def test_prompts_per_step_must_split_over_dp(tmp_path):
         build(cfg, ps)
 
 
+# ----------------------------------------------------------------------------- phases
+
+# SFT on short generated worked solutions: 4-row global batches of 256 tokens
+SFT = ["sft.examples=24", "sft.warmup_steps=1", "train.global_batch_size=4", "data.task_families=[largest]", "data.task_difficulty=[1,1]"]
+
+
+class StopAtSFTStep(RLTrainer):
+    """Stops (as Ctrl-C does) once the SFT phase has done ``stop_at`` steps."""
+
+    stop_at = 2
+
+    def stop_requested(self) -> bool:
+        self._stop = self._stop or self.phases[0].step >= self.stop_at
+        return super().stop_requested()
+
+
+def weights(chunks) -> dict:
+    return {k: v.clone() for k, v in chunks[0].state_dict().items()}
+
+
+@pytest.mark.timeout(300)
+def test_sft_comes_first_trains_the_actor_seeds_the_critic_and_resumes_mid_phase(tmp_path):
+    cfg = tiny_rl_config(tmp_path / "whole", "sft.steps=4", "rl.steps=0", "train.save_interval=2", *SFT)
+    whole = build(cfg)
+    initial = weights(whole.actor.chunks)
+    assert not whole.fit()["stopped"]
+    records = read_jsonl(tmp_path / "whole" / "metrics.jsonl")
+    assert [(r["phase"], r["step"]) for r in records] == [("sft", s) for s in (1, 2, 3, 4)]
+    actor, critic = weights(whole.actor.chunks), weights(whole.critic.chunks)
+    assert any(not torch.equal(initial[k], v) for k, v in actor.items())  # SFT trained the actor's own weights
+    shared = [k for k in critic if k in actor and not k.startswith("value_head.")]
+    assert shared and all(torch.equal(critic[k], actor[k]) for k in shared)  # the critic starts from the SFT policy
+    master = [b.master.clone() for b in whole.actor.optimizer.buckets]
+    whole.actor.optimizer.sync_master_from_params()  # changes nothing: the master copy already is the SFT weights
+    assert all(torch.equal(m, b.master) for m, b in zip(master, whole.actor.optimizer.buckets))
+
+    # stopped after SFT step 2, then resumed in a new trainer: steps 3 and 4 are the uninterrupted run's
+    cut = tiny_rl_config(tmp_path / "cut", "sft.steps=4", "rl.steps=0", "train.save_interval=2", *SFT)
+    stopped = StopAtSFTStep(cut, ParallelState.single(), load_tokenizer(cut.data.tokenizer), math_records(), ParityRouter())
+    assert stopped.fit()["stopped"] and stopped.phases[0].step == 2
+    resumed = build(cut)
+    assert resumed.resume() and resumed.phases[0].step == 2 and not resumed.phases[0].done
+    assert not resumed.fit()["stopped"]
+    got = {r["step"]: r for r in read_jsonl(tmp_path / "cut" / "metrics.jsonl")}
+    want = {r["step"]: r for r in records}
+    for step in (3, 4):
+        for key in ("sft/loss", "sft/grad_norm", "sft/lr"):
+            assert_close_rel(got[step][key], want[step][key], 1e-6, f"{key} at step {step}")
+    for k, v in weights(resumed.actor.chunks).items():
+        assert_close_rel(v, actor[k], 1e-6, k)
+
+
 # ----------------------------------------------------------------------------- logged values
 
 
 @pytest.mark.timeout(300)
 def test_value_pretraining_precedes_ppo_and_reports_explained_variance(tmp_path):
-    cfg = tiny_rl_config(tmp_path, "rl.value_pretrain_steps=2", "rl.value_pretrain_patience=5", "rl.steps=1")
+    cfg = tiny_rl_config(tmp_path, "sft.steps=1", *SFT, "rl.value_pretrain_steps=2", "rl.value_pretrain_patience=5", "rl.steps=1")
     result = build(cfg).fit()
     assert not result["stopped"]
     records = read_jsonl(tmp_path / "metrics.jsonl")
     phases = [r["phase"] for r in records]
-    assert phases == ["value_pretrain", "value_pretrain", "ppo"]
-    assert [r["step"] for r in records] == [1, 2, 1]  # each phase counts its own steps
+    assert phases == ["sft", "value_pretrain", "value_pretrain", "ppo"]
+    assert [r["step"] for r in records] == [1, 1, 2, 1]  # each phase counts its own steps
+    records = records[1:]
     for r in records[:2]:
         ev = r["value_pretrain/explained_variance"]
         assert ev is not None and math.isfinite(ev) and ev <= 1

@@ -1,8 +1,8 @@
 """``megatron-seed rl``: the Seed1.5-Thinking RL recipe (one process or torchrun / SLURM).
 
 Builds :class:`rl.rl_trainer.RLTrainer` from the config (``--preset rl-tiny`` by default:
-``configs/rl-tiny.yaml``) and runs its phases: value pretraining of the critic, then PPO
-with held-out evaluations. Prompts: a JSONL file (``--prompts`` or ``data.prompts``) or
+``configs/rl-tiny.yaml``) and runs its phases: SFT of the policy on worked solutions
+(``sft.steps``), value pretraining of the critic, then PPO with held-out evaluations. Prompts: a JSONL file (``--prompts`` or ``data.prompts``) or
 generated verifiable tasks. ``--resume`` continues from the checkpoints in
 ``train.save_dir``; Ctrl-C saves and stops.
 """

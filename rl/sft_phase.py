@@ -1,0 +1,68 @@
+"""The RL run's SFT warm-up phase: the actor learns the tasks' worked solutions before value pretraining and PPO.
+
+``sft.steps`` optimizer steps of :class:`megatron_seed.train.sft.SFT` on the actor's own
+model chunks (its own optimizer and LR schedule, the same parallel groups), on the
+conversations of the ``sft`` config section without any whose prompt is a held-out
+evaluation prompt. When the last step is done:
+
+* the actor's optimizer takes the SFT weights as its master copy (its next step, PPO's
+  first, starts from them rather than from the weights the run was built with);
+* the critic is initialised from the SFT policy (Seed initialises the critic from the
+  policy it will judge), so value pretraining fits the returns of the policy PPO starts from.
+
+A phase of :class:`rl.rl_trainer.RLTrainer` (``name``, ``step``, ``total``, ``done``,
+``run(rl)``, ``state_dict`` / ``load_state_dict``). The weights are the actor's (in the
+actor's checkpoint); the phase state holds the SFT step, which is also the data position
+and the LR-schedule position, and, until the phase is done, the SFT optimizer's state, so
+a run stopped mid-SFT continues exactly.
+"""
+from __future__ import annotations
+
+import time
+from typing import Sequence
+
+from megatron_seed.config import Config
+from megatron_seed.train.sft import SFT, sft_conversations
+from megatron_seed.train.trainer import Trainer
+from rl.ppo import init_critic_from_actor
+
+
+class SFTPhase:
+    """SFT of ``actor``'s chunks (see the module docstring); ``held_out_prompts``: prompts SFT must not train on."""
+
+    name = "sft"
+
+    def __init__(self, cfg: Config, actor: Trainer, tokenizer, held_out_prompts: Sequence[str] = ()) -> None:
+        self.total = cfg.sft.steps
+        self.done = self.total == 0
+        self.sft = None if self.done else SFT(cfg, actor.ps, tokenizer, sft_conversations(cfg, held_out_prompts), chunks=actor.chunks)
+
+    @property
+    def step(self) -> int:
+        return self.sft.trainer.step if self.sft is not None else 0
+
+    def run(self, rl) -> None:
+        batches = self.sft.batch_iterator()  # from the current step: the data position of a resumed run
+        while not self.done and not rl.stop_requested():
+            t0 = time.perf_counter()
+            metrics = self.sft.trainer.train_step(next(batches))
+            metrics["seconds"] = time.perf_counter() - t0
+            self.done = self.step >= self.total
+            if self.done:
+                rl.actor.optimizer.sync_master_from_params()
+                init_critic_from_actor(rl.critic, rl.actor)
+            rl.log(self, metrics)
+            rl.maybe_save(self)
+
+    def state_dict(self) -> dict:
+        state = {"step": self.step, "done": self.done}
+        if self.sft is not None and not self.done:  # a finished phase needs its optimizer no more
+            state["optimizer"] = self.sft.trainer.optimizer.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.done = state["done"]
+        if self.sft is not None:
+            self.sft.trainer.step = state["step"]
+            if "optimizer" in state:
+                self.sft.trainer.optimizer.load_state_dict(state["optimizer"])
