@@ -22,7 +22,11 @@ phases, ``extra_phases`` of :func:`dry_run`), on these stand-ins:
 Host reads of device values (``.item()``, ``.tolist()``): meta tensors have no values, so the
 mode keeps real copies of the small tensors computed from constants only (masks, positions,
 token counts, expert counts under balanced routing; at most ``SHADOW_LIMIT`` elements) and
-answers reads from them; a value no constant determines (a loss, a norm) reads as 1. Data-
+answers reads from them; a value no constant determines (a loss, a norm) reads as 1. A
+floating-point tensor built from known values and unknown numbers (a statistic packet ``[sum of
+the advantages, token count]``) is shadowed with NaN where unknown: NaN elements read as 1, the
+known ones as they are (so whitening divides by the batch's real token count); an integer or
+bool result of such an op is unknown as a whole (a comparison with NaN decides nothing). Data-
 dependent shapes therefore follow the real code path: the MoE all-to-all splits come from the
 counts of the routing the dry run forces to be balanced (``model.moe.router_force_balance``,
 Megatron's forced load balancing: slots round robin over the ep ranks and experts), with every
@@ -181,6 +185,14 @@ def _active() -> _Run:
 def _untracked():
     """Work on the real copies of values outside the dispatch mode (it would count them as the program's)."""
     return torch.utils._python_dispatch._disable_current_modes()
+
+
+@contextlib.contextmanager
+def host_values() -> Iterator[None]:
+    """Build real host tensors inside a phase, as a job's inputs reach it from the host (a data loader, a
+    rollout batch): not the program's device memory, and their values move with them to the device."""
+    with _untracked():
+        yield
 
 
 def _completed() -> dist.Work:
@@ -353,6 +365,9 @@ class DryRunMode(TorchDispatchMode):
                 if value is None:
                     run.unknown_reads += 1
                     value = torch.ones(flat[0].shape, dtype=flat[0].dtype)
+                elif value.is_floating_point() and value.isnan().any():
+                    run.unknown_reads += 1
+                    value = value.nan_to_num(1.0, 1.0, 1.0)
                 return value.to(dtype=kwargs.get("dtype") or flat[0].dtype)
         shadow_out = self._shadow_call(func, args, kwargs, flat)
         try:
@@ -376,22 +391,31 @@ class DryRunMode(TorchDispatchMode):
 
     def _host_read(self, t: torch.Tensor):
         value = self.run.shadow(t)
-        if value is None:
-            self.run.unknown_reads += 1
-            return False if t.dtype == torch.bool else 1
         with _untracked():
+            if value is None or (value.is_floating_point() and value.isnan().item()):
+                self.run.unknown_reads += 1
+                return False if t.dtype == torch.bool else 1
             return value.item()
 
     def _shadow_call(self, func, args, kwargs, flat: list):
-        """The op on real copies, when every meta operand has one and the outputs are small."""
+        """The op on real copies, when every meta operand has one (or is a floating-point number that
+        becomes NaN beside operands that have one) and the outputs are small."""
         run = self.run
-        values = {}
+        values, unknown = {}, []
         for t in flat:
             if t.device == RUN_DEVICE:
                 v = run.shadows.get(t)
                 if v is None:
-                    return None
-                values[id(t)] = v
+                    if not t.is_floating_point() or t.numel() != 1:
+                        return None
+                    unknown.append(t)
+                else:
+                    values[id(t)] = v
+        if unknown:
+            if not values:
+                return None
+            with _untracked():
+                values.update((id(t), torch.full(t.shape, float("nan"), dtype=t.dtype)) for t in unknown)
         if func in (torch.ops.aten.empty.memory_format, torch.ops.aten.empty_like.default, torch.ops.aten.new_empty.default,
                     torch.ops.aten.empty_strided.default, torch.ops.aten.new_empty_strided.default):
             return None
@@ -416,6 +440,8 @@ class DryRunMode(TorchDispatchMode):
                 return None
             for o in pytree.tree_leaves(out):
                 if isinstance(o, torch.Tensor):
+                    if unknown and not o.is_floating_point():
+                        return None
                     numel_out += o.numel()
         return out if numel_out <= SHADOW_LIMIT else None
 
@@ -486,13 +512,15 @@ class DryRunReport:
 @dataclass
 class DryRunState:
     """What the phases share: the config, the groups, the rank's trainers (model chunks + optimizer;
-    ``trainers[0]`` the LM trainer, or the actor and critic once the PPO phase replaced it) and the
-    rollout's KV cache while it lives. The memory categories are read from here."""
+    ``trainers[0]`` the LM trainer, or the actor and critic once the PPO phase replaced it), model
+    chunks without an optimizer (``frozen``: the PPO reference policy) and the rollout's KV cache
+    while it lives. The memory categories are read from here."""
 
     cfg: Config
     ps: object
     run: _Run
     trainers: list = field(default_factory=list)
+    frozen: list = field(default_factory=list)
     kv_cache: object = None
 
     @property
@@ -500,7 +528,7 @@ class DryRunState:
         return self.trainers[0]
 
     def params(self) -> list:
-        return [p for t in self.trainers for m in t.chunks for p in m.parameters()]
+        return [p for m in [*(c for t in self.trainers for c in t.chunks), *self.frozen] for p in m.parameters()]
 
 
 def _storages(tensors) -> list:
