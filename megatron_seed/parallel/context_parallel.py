@@ -37,7 +37,6 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.nn.attention.bias import causal_lower_right
 
 from megatron_seed.parallel.mappings import gather_from_sequence_parallel_region
 from megatron_seed.parallel.state import Group, LayoutError, ParallelState
@@ -185,6 +184,10 @@ def attention(q_BNsD: torch.Tensor, k_BKSD: torch.Tensor, v_BKSD: torch.Tensor, 
               enable_gqa: bool) -> torch.Tensor:
     """softmax(q k^T / sqrt(D) + mask) v of the local queries over the whole sequence's keys
     (:func:`gather_kv`): ``[B, N, s, D]``. Local chunk ``c`` attends over the first ``c + 1`` chunks."""
+    # imported here: torch.nn.attention.bias imports torch._dynamo, about half of what importing the
+    # model costs, which every spawned worker and CLI call would pay without ever using context parallelism
+    from torch.nn.attention.bias import causal_lower_right
+
     L = q_BNsD.shape[2] // 2
     outs = []
     for i, c in enumerate(mask.chunk_ids):
