@@ -5,6 +5,9 @@
 PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
+# one pytest worker per core (at most 4: each runs multi-process tests of up to 8 ranks);
+# worksteal hands a module's tests to one worker first, so module fixtures mostly run once
+PYTEST_ARGS ?= -q -n auto --maxprocesses 4 --dist worksteal
 # The CPU build of torch; an unpinned torch pulls gigabytes of CUDA wheels.
 TORCH_PIN := torch==2.13.0
 
@@ -31,4 +34,5 @@ demo-pretrain: setup
 	$(VENV)/bin/megatron-seed demo
 
 test: setup
-	$(PY) -m pytest -q
+	@# pytest exits 5 when it collected no test: a failure, said out loud (make reports any failure as 2)
+	$(PY) -m pytest $(PYTEST_ARGS) || { rc=$$?; [ $$rc -ne 5 ] || echo "FAILED: pytest collected no tests" >&2; exit $$rc; }

@@ -25,7 +25,7 @@ setup(
         "matplotlib",  # PNG plots at the end of an RL run (imported lazily)
     ],
     extras_require={
-        "test": ["pytest", "pytest-timeout", "transformers", "tokenizers", "megatron-core"],  # megatron-core: interop tests (CPU torch kept)
+        "test": ["pytest", "pytest-timeout", "pytest-xdist", "transformers", "tokenizers", "megatron-core"],  # megatron-core: interop tests (CPU torch kept)
         "gpu": ["triton", "transformer-engine[pytorch]"],
         "megatron": ["megatron-core"],
     },

@@ -1,7 +1,9 @@
 """Run a function on N local processes over gloo: the CPU stand-in for N GPUs.
 
-Used by every multi-process test and the CPU benchmarks. Each worker gets a fresh
-interpreter (spawn), one torch thread, and a process group on a free port. If any
+Used by every multi-process test and the CPU benchmarks. Each worker is forked from a
+forkserver that has imported torch and nothing else (importing torch is most of a
+worker's start-up; the server runs no op, so no thread pool or lock is copied), gets the
+caller's environment, one torch thread, and a process group on a free port. If any
 rank fails, the others are killed and the failing rank's traceback is raised, so a
 broken test never hangs waiting on a peer that died.
 """
@@ -39,8 +41,11 @@ def _to_bytes(obj: Any) -> bytes:
     return buffer.getvalue()
 
 
-def _worker(rank: int, world: int, port: int, fn: Callable, args: tuple, results: Any, timeout_s: float) -> None:
+def _worker(rank: int, world: int, port: int, fn: Callable, args: tuple, results: Any, timeout_s: float,
+            environ: dict) -> None:
     torch.set_num_threads(1)
+    os.environ.clear()  # the server's environment is the one it started with, not the caller's now
+    os.environ.update(environ)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s))
@@ -58,10 +63,13 @@ def run_distributed(fn: Callable, world: int, *args: Any, timeout_s: float = 200
 
     ``fn`` must be importable (module level) and return something picklable.
     """
-    ctx = mp.get_context("spawn")
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", "torch.distributed"])
     results = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world, port, fn, args, results, timeout_s), daemon=True) for r in range(world)]
+    environ = dict(os.environ)
+    procs = [ctx.Process(target=_worker, args=(r, world, port, fn, args, results, timeout_s, environ), daemon=True)
+             for r in range(world)]
     for p in procs:
         p.start()
     outputs: dict = {}
