@@ -113,6 +113,9 @@ class TrainConfig:
     adam_beta2: float = 0.95
     adam_eps: float = 1e-8
     grad_clip: float = 1.0
+    # RL steps (PPO actor / critic, value pretraining): pack whole sequences into micro-batch rows of at most this
+    # many tokens, balanced over dp (rl.packing); None = rows padded to the longest, train.micro_batch_size per micro-batch
+    max_tokens_per_micro_batch: Optional[int] = None
     # parameters and activations: auto (bf16 on cuda, fp32 elsewhere) | fp32 | bf16. Under bf16 the optimizer keeps
     # fp32 master weights and Adam moments; router, norms, softmax and log-prob math run in fp32
     precision: str = "auto"
@@ -513,6 +516,14 @@ def validate_config(cfg: Config) -> None:
         f"train.global_batch_size={t.global_batch_size} is not divisible by train.micro_batch_size={t.micro_batch_size}",
     )
     _one_of("train.precision", t.precision, ("auto", "fp32", "bf16"))
+    if t.max_tokens_per_micro_batch is not None:
+        _require(isinstance(t.max_tokens_per_micro_batch, int) and t.max_tokens_per_micro_batch > 0,
+                 f"train.max_tokens_per_micro_batch={t.max_tokens_per_micro_batch!r}: must be a positive number of tokens "
+                 "(at least the longest prompt + rollout.max_new_tokens), or null to pad rows instead of packing")
+        _require(cfg.rl.loss_agg == "token",
+                 f"rl.loss_agg={cfg.rl.loss_agg!r} with train.max_tokens_per_micro_batch={t.max_tokens_per_micro_batch}: packed "
+                 "rows hold several responses and the sequence mean is taken per row; fix: rl.loss_agg=token (Seed's "
+                 "token-level loss) or train.max_tokens_per_micro_batch=null")
     p = cfg.parallel
     if p.cp > 1:  # context parallel cuts each sequence into 2 cp chunks, each split again over tp
         multiple = 2 * p.cp * p.tp

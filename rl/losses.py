@@ -82,29 +82,37 @@ class LossNormalizer:
         return cls(totals["tokens"], totals["sequences"], totals.get("positive_tokens", 0.0), totals.get("positive_sequences", 0.0))
 
 
-def normalizer_units(mask_BS: torch.Tensor, positive_B: Optional[torch.Tensor] = None) -> dict:
+def normalizer_units(mask_BS: torch.Tensor, positive_BS: Optional[torch.Tensor] = None,
+                     doc_ids_BS: Optional[torch.Tensor] = None) -> dict:
     """One micro-batch's counts of the :class:`LossNormalizer` units: response ``tokens``,
-    non-empty ``sequences`` and, given ``positive_B`` (one bool per row: the reward marks
-    the sample correct), ``positive_tokens`` / ``positive_sequences``."""
-    _check(mask_BS)
-    lengths_B = mask_BS.sum(dim=1).double()
-    units = {"tokens": lengths_B.sum(), "sequences": (lengths_B > 0).double().sum()}
-    if positive_B is not None:
-        if positive_B.shape != lengths_B.shape:
-            raise ValueError(f"positive_B has shape {tuple(positive_B.shape)}; expected [{lengths_B.shape[0]}] (one bool per sequence)")
-        pos_B = positive_B.bool().to(lengths_B.device)
-        units["positive_tokens"] = lengths_B[pos_B].sum()
-        units["positive_sequences"] = (lengths_B[pos_B] > 0).double().sum()
+    non-empty ``sequences`` and, given ``positive_BS`` (True on the tokens of sequences the
+    reward marks correct), ``positive_tokens`` / ``positive_sequences``. A sequence is a row,
+    or with ``doc_ids_BS`` (packed rows, :mod:`rl.packing`) one document of a row."""
+    _check(mask_BS, positive_BS=positive_BS, doc_ids_BS=doc_ids_BS)
+    units = {"tokens": mask_BS.sum().double(), "sequences": _count_sequences(mask_BS, doc_ids_BS)}
+    if positive_BS is not None:
+        positive_mask_BS = mask_BS & positive_BS.bool()
+        units["positive_tokens"] = positive_mask_BS.sum().double()
+        units["positive_sequences"] = _count_sequences(positive_mask_BS, doc_ids_BS)
     return units
 
 
-def compute_normalizer(masks_BS: Sequence[torch.Tensor], positives_B: Optional[Sequence[torch.Tensor]] = None) -> LossNormalizer:
+def _count_sequences(mask_BS: torch.Tensor, doc_ids_BS: Optional[torch.Tensor]) -> torch.Tensor:
+    """How many sequences (rows, or (row, document) pairs) have a token in ``mask_BS``."""
+    if doc_ids_BS is None:
+        return mask_BS.any(dim=1).double().sum()
+    rows_BS = torch.arange(mask_BS.shape[0], device=mask_BS.device)[:, None].expand_as(mask_BS)
+    pairs_N2 = torch.stack([rows_BS[mask_BS], doc_ids_BS[mask_BS]], dim=1)
+    return torch.tensor(float(torch.unique(pairs_N2, dim=0).shape[0]), dtype=torch.float64, device=mask_BS.device)
+
+
+def compute_normalizer(masks_BS: Sequence[torch.Tensor], positives_BS: Optional[Sequence[torch.Tensor]] = None) -> LossNormalizer:
     """The normaliser of micro-batches held by one process (a step without data parallelism)."""
-    if positives_B is not None and len(positives_B) != len(masks_BS):
-        raise ValueError(f"{len(positives_B)} positive masks for {len(masks_BS)} micro-batches; pass one per micro-batch")
+    if positives_BS is not None and len(positives_BS) != len(masks_BS):
+        raise ValueError(f"{len(positives_BS)} positive masks for {len(masks_BS)} micro-batches; pass one per micro-batch")
     totals: dict = {}
     for i, mask_BS in enumerate(masks_BS):
-        for k, v in normalizer_units(mask_BS, None if positives_B is None else positives_B[i]).items():
+        for k, v in normalizer_units(mask_BS, None if positives_BS is None else positives_BS[i]).items():
             totals[k] = totals.get(k, 0.0) + float(v)
     return LossNormalizer.from_totals(totals)
 
@@ -200,7 +208,7 @@ def policy_loss(
 def positive_lm_loss(
     logprobs_BS: torch.Tensor,
     mask_BS: torch.Tensor,
-    positive_B: torch.Tensor,
+    positive_BS: torch.Tensor,
     norm: LossNormalizer,
     agg: str = "token",
 ) -> torch.Tensor:
@@ -210,10 +218,8 @@ def positive_lm_loss(
     NLL over the positive tokens (or positive sequences) of the global batch.
     Negative samples contribute nothing.
     """
-    _check(mask_BS, logprobs_BS=logprobs_BS)
-    if positive_B.shape != (mask_BS.shape[0],):
-        raise ValueError(f"positive_B has shape {tuple(positive_B.shape)}; expected [{mask_BS.shape[0]}] (one bool per sequence)")
-    positive_mask_BS = mask_BS & positive_B.bool().to(mask_BS.device)[:, None]
+    _check(mask_BS, logprobs_BS=logprobs_BS, positive_BS=positive_BS)
+    positive_mask_BS = mask_BS & positive_BS.bool()
     return masked_aggregate(-logprobs_BS, positive_mask_BS, agg, norm.denominator(agg, positive=True))
 
 
@@ -224,7 +230,7 @@ def actor_loss(
     mask_BS: torch.Tensor,
     norm: LossNormalizer,
     cfg: RLConfig,
-    positive_B: Optional[torch.Tensor] = None,
+    positive_BS: Optional[torch.Tensor] = None,
     ref_logprobs_BS: Optional[torch.Tensor] = None,
     entropy_BS: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, dict]:
@@ -233,7 +239,7 @@ def actor_loss(
         L = L_ppo + mu * L_nll(positives) + kl_coef * agg(k3 KL to pi_ref) - entropy_coef * agg(H)
 
     with ``mu = cfg.lm_loss_coef`` and the clip settings and ``agg`` from ``cfg``.
-    ``positive_B`` is needed when ``mu > 0``, ``ref_logprobs_BS`` when ``kl_coef > 0``,
+    ``positive_BS`` (True on the tokens of sequences marked correct) is needed when ``mu > 0``, ``ref_logprobs_BS`` when ``kl_coef > 0``,
     ``entropy_BS`` (per-token entropies of pi, vocab-parallel on the model side) when
     ``entropy_coef > 0``; entropies are also reported when given.
     """
@@ -242,10 +248,10 @@ def actor_loss(
     loss, metrics = policy_loss(logprobs_BS, old_logprobs_BS, advantages_BS, mask_BS, norm,
                                 cfg.eps_low, cfg.eps_high, cfg.dual_clip, agg)
     if cfg.lm_loss_coef > 0:
-        if positive_B is None:
-            raise ValueError("rl.lm_loss_coef > 0 needs positive_B (which samples the reward marks correct); "
+        if positive_BS is None:
+            raise ValueError("rl.lm_loss_coef > 0 needs positive_BS (the tokens of the samples the reward marks correct); "
                              "pass it or set rl.lm_loss_coef=0")
-        lm = positive_lm_loss(logprobs_BS, mask_BS, positive_B, norm, agg)
+        lm = positive_lm_loss(logprobs_BS, mask_BS, positive_BS, norm, agg)
         loss = loss + cfg.lm_loss_coef * lm
         metrics["lm_loss"] = lm.detach()
     if cfg.kl_coef > 0 or ref_logprobs_BS is not None:

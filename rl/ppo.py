@@ -41,6 +41,7 @@ from megatron_seed.train.trainer import LossSpec, Trainer
 from rl.advantage import compute_advantages, place_terminal_reward, values_after_response
 from rl.experience import append_bootstrap_column, check_experience, pad_columns, split_mini_batches
 from rl.losses import LossNormalizer, actor_loss, explained_variance, normalizer_units, value_loss, value_metrics
+from rl.packing import PackedLayout, forward_rows, pack, plan_step
 from rl.rollout.sampling import tempered
 
 
@@ -94,9 +95,16 @@ def trained_mask(batch: dict) -> torch.Tensor:
     return batch["mask_BS"] & batch["trained_B"].bool().to(batch["mask_BS"].device)[:, None]
 
 
-def critic_values(critic: Trainer, batch: dict) -> Optional[torch.Tensor]:
-    """The critic's ``V`` at every position ``[B, S]`` (last stage; None elsewhere)."""
-    return critic.forward(batch, lambda values, mb: values.float())
+def critic_values(critic: Trainer, batch: dict, layout: Optional[PackedLayout] = None) -> Optional[torch.Tensor]:
+    """The critic's ``V`` at every position ``[B, S]`` (last stage; None elsewhere), through the packed
+    micro-batches of ``layout`` when given."""
+    return forward_rows(critic, batch, lambda values, mb: values.float(), layout)
+
+
+def positive_tokens(batch: dict) -> torch.Tensor:
+    """``positive_BS``: True on every position of the rows the reward marks correct (``correct_B``), the
+    per-token form the losses read, which packing keeps when rows share a micro-batch."""
+    return batch["correct_B"].bool().to(batch["mask_BS"].device)[:, None].expand_as(batch["mask_BS"])
 
 
 def actor_loss_fn(ps: ParallelState, cfg: RLConfig, norm: LossNormalizer, temperature: float = 1.0) -> Callable:
@@ -110,7 +118,7 @@ def actor_loss_fn(ps: ParallelState, cfg: RLConfig, norm: LossNormalizer, temper
         with torch.set_grad_enabled(torch.is_grad_enabled() and cfg.entropy_coef > 0):
             entropy_BS = vocab_parallel_entropy(logits_BSV, ps)
         return actor_loss(logprobs_BS, mb["old_logprobs_BS"], mb["advantages_BS"], mb["mask_BS"], norm, cfg,
-                          positive_B=mb["correct_B"], ref_logprobs_BS=mb.get("ref_logprobs_BS"), entropy_BS=entropy_BS)
+                          positive_BS=mb["positive_BS"], ref_logprobs_BS=mb.get("ref_logprobs_BS"), entropy_BS=entropy_BS)
 
     return loss_fn
 
@@ -127,13 +135,13 @@ def critic_loss_fn(norm: LossNormalizer, clip: Optional[float], agg: str) -> Cal
 def actor_loss_spec(cfg: RLConfig, temperature: float = 1.0) -> LossSpec:
     """The actor's step: normalised by the response tokens / sequences (and those of the positive rows);
     log-probs at the sampling ``temperature``."""
-    return LossSpec(units=lambda mb: normalizer_units(mb["mask_BS"], mb["correct_B"]),
+    return LossSpec(units=lambda mb: normalizer_units(mb["mask_BS"], mb["positive_BS"], mb.get("doc_ids_BS")),
                     build=lambda totals, ps: actor_loss_fn(ps, cfg, LossNormalizer.from_totals(totals), temperature))
 
 
 def critic_loss_spec(clip: Optional[float], agg: str) -> LossSpec:
     """The critic's step (``clip=None``: the plain value loss of value pretraining); reports explained variance."""
-    return LossSpec(units=lambda mb: normalizer_units(mb["mask_BS"]),
+    return LossSpec(units=lambda mb: normalizer_units(mb["mask_BS"], doc_ids_BS=mb.get("doc_ids_BS")),
                     build=lambda totals, ps: critic_loss_fn(LossNormalizer.from_totals(totals), clip, agg),
                     finalize=value_metrics)
 
@@ -156,6 +164,10 @@ class PPOTrainer:
     the episode ended there and a bootstrap would count the future twice. ``temperature``: the
     rollout's sampling temperature; every policy log-prob (recomputed behaviour, reference, the
     actor's new ones) is taken at it, so the ratio compares the distributions that were sampled.
+
+    With ``train.max_tokens_per_micro_batch`` (the actor's config) every pass runs on packed,
+    dp-token-balanced micro-batches (:mod:`rl.packing`): :meth:`prepare` moves rows between the
+    dp ranks and keeps the step's :class:`~rl.packing.PackedLayout` in ``self.layout``.
     """
 
     def __init__(self, actor: Trainer, critic: Trainer, cfg: RLConfig, reference: Optional[list] = None,
@@ -175,17 +187,20 @@ class PPOTrainer:
         self.recompute_logprobs = recompute_logprobs
         self.bootstrap_truncated = bootstrap_truncated
         self.temperature = temperature
+        self.max_tokens = actor.cfg.train.max_tokens_per_micro_batch
+        self.layout: Optional[PackedLayout] = None  # packed micro-batches of the batch last prepared (None: padded rows)
         self.updates: list = []  # per optimizer step: {"actor": metrics, "critic": metrics} of the last step() call
 
     # ------------------------------------------------------------------ forward-only passes
-    def policy_logprobs(self, batch: dict, chunks: Optional[list] = None) -> Optional[torch.Tensor]:
+    def policy_logprobs(self, batch: dict, chunks: Optional[list] = None, layout: Optional[PackedLayout] = None) -> Optional[torch.Tensor]:
         """``log pi(labels_BS)`` ``[B, S]`` of the actor (or of other policy ``chunks`` on its groups, e.g.
-        the reference), micro-batched like the actor's training steps (last stage; None elsewhere)."""
-        return self.actor.forward(batch, lambda logits, mb: vocab_parallel_log_probs(tempered(logits, self.temperature), mb["labels_BS"],
-                                                                                     self.ps), chunks)
+        the reference), micro-batched like the actor's training steps (packed under ``layout``; last stage,
+        None elsewhere)."""
+        return forward_rows(self.actor, batch, lambda logits, mb: vocab_parallel_log_probs(tempered(logits, self.temperature),
+                                                                                           mb["labels_BS"], self.ps), layout, chunks)
 
-    def critic_values(self, batch: dict) -> Optional[torch.Tensor]:
-        return critic_values(self.critic, batch)
+    def critic_values(self, batch: dict, layout: Optional[PackedLayout] = None) -> Optional[torch.Tensor]:
+        return critic_values(self.critic, batch, layout)
 
     def prepare(self, batch: dict) -> tuple:
         """Fill old log-probs / values / reference log-probs, then advantages and returns; ``(batch, metrics)``."""
@@ -194,13 +209,17 @@ class PPOTrainer:
             batch = append_bootstrap_column(batch)
         batch = pad_columns(batch, context_parallel.sequence_multiple(self.ps))
         batch = {k: v.to(self.ps.device) if torch.is_tensor(v) else v for k, v in batch.items()}  # meets the model's outputs
+        self.layout = None
+        if self.max_tokens is not None:  # this rank's rows change: the dp ranks' token counts balance
+            batch, self.layout = plan_step(batch, self.ps, self.cfg.mini_batches, self.max_tokens)
+        batch["positive_BS"] = positive_tokens(batch)
         filled = {}
         if self.recompute_logprobs or "old_logprobs_BS" not in batch:
-            filled["old_logprobs_BS"] = self.policy_logprobs(batch)
+            filled["old_logprobs_BS"] = self.policy_logprobs(batch, layout=self.layout)
         if self.reference is not None:
-            filled["ref_logprobs_BS"] = self.policy_logprobs(batch, self.reference)
+            filled["ref_logprobs_BS"] = self.policy_logprobs(batch, self.reference, self.layout)
         if "old_values_BS" not in batch or self.bootstrap_truncated:  # rollout values stop before the last token
-            filled["old_values_BS"] = self.critic_values(batch)
+            filled["old_values_BS"] = self.critic_values(batch, self.layout)
         # None on all but the last pipeline stage; a None entry would break the micro-batch split
         batch.update({key: value for key, value in filled.items() if value is not None})
         metrics: dict = {}
@@ -242,9 +261,14 @@ class PPOTrainer:
         """
         batch, metrics = self.prepare(batch)
         metrics.update(rollout_metrics(batch, self.ps))
+        if self.layout is None:
+            minis = split_mini_batches(batch, self.cfg.mini_batches)
+        else:
+            minis = [pack(batch, micro, self.layout.width) for micro in self.layout.mini_batches]
+            metrics.update(self.layout.metrics())
         self.updates = []
         for _ in range(self.cfg.ppo_epochs):
-            for mini in split_mini_batches(batch, self.cfg.mini_batches):
+            for mini in minis:
                 self.updates.append({"actor": self.actor_update(mini), "critic": self.critic_update(mini, self.cfg.value_clip)})
         metrics.update(_mean_metrics([u["actor"] for u in self.updates], "actor"))
         metrics.update(_mean_metrics([u["critic"] for u in self.updates], "critic"))

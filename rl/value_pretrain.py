@@ -35,6 +35,7 @@ from megatron_seed.parallel import context_parallel
 from megatron_seed.train.trainer import Trainer
 from rl.advantage import compute_advantages, place_terminal_reward
 from rl.experience import check_experience, from_rollout, pad_columns, sample_and_score
+from rl.packing import pack, plan_step
 from rl.ppo import critic_loss_spec, critic_values, trained_mask
 
 
@@ -103,14 +104,18 @@ def value_pretrain_step(critic: Trainer, batch: dict, cfg: RLConfig) -> dict:
     ps = critic.ps
     batch = pad_columns(batch, context_parallel.sequence_multiple(ps))
     check_experience(batch)
-    values_BS = critic_values(critic, batch)
+    layout = None
+    if critic.cfg.train.max_tokens_per_micro_batch is not None:  # packed, dp-token-balanced micro-batches (rl.packing)
+        batch, layout = plan_step(batch, ps, 1, critic.cfg.train.max_tokens_per_micro_batch)
+    values_BS = critic_values(critic, batch, layout)
     if ps.is_last_stage:
         batch["old_values_BS"] = values_BS
         batch["returns_BS"] = monte_carlo_returns(batch, values_BS, cfg, ps.group("dp")).float()
     else:  # earlier stages only forward activations
         batch["old_values_BS"] = batch["returns_BS"] = batch["mask_BS"].float() * 0
     batch["mask_BS"] = trained_mask(batch)  # after the returns: a failed score trains nothing
-    metrics = critic.train_step(batch, critic_loss_spec(None, cfg.loss_agg))
+    steps_on = batch if layout is None else pack(batch, layout.micro_batches, layout.width)
+    metrics = critic.train_step(steps_on, critic_loss_spec(None, cfg.loss_agg))
     if not math.isfinite(metrics.get("explained_variance", 0.0)):
         metrics["explained_variance"] = None  # constant returns: 1 - Var[R - V] / Var[R] is 0 / 0
     return metrics

@@ -126,8 +126,9 @@ def test_positive_lm_loss_only_on_positives(agg):
     new, _, _, mask = random_inputs(seed=2)
     new = new.clone().requires_grad_(True)
     positive = torch.tensor([True, False, True, False])
-    norm = compute_normalizer([mask], [positive])
-    loss = positive_lm_loss(new, mask, positive, norm, agg)
+    positive_BS = positive[:, None].expand_as(mask)
+    norm = compute_normalizer([mask], [positive_BS])
+    loss = positive_lm_loss(new, mask, positive_BS, norm, agg)
     loss.backward()
     assert (new.grad[~positive] == 0).all()
     assert (new.grad[positive][mask[positive]] != 0).all()
@@ -137,7 +138,7 @@ def test_positive_lm_loss_only_on_positives(agg):
 
 def test_no_positives_gives_zero_lm_loss():
     new, _, _, mask = random_inputs(seed=3)
-    positive = torch.zeros(4, dtype=torch.bool)
+    positive = torch.zeros_like(mask)
     norm = compute_normalizer([mask], [positive])
     assert positive_lm_loss(new, mask, positive, norm).item() == 0
 
@@ -184,7 +185,7 @@ def test_k3_kl_nonnegative_and_zero_at_equality():
 def test_actor_loss_requires_inputs_for_enabled_terms():
     new, old, adv, mask = random_inputs()
     norm = compute_normalizer([mask])
-    with pytest.raises(ValueError, match="positive_B"):
+    with pytest.raises(ValueError, match="positive_BS"):
         actor_loss(new, old, adv, mask, norm, RLConfig(lm_loss_coef=0.1))
     with pytest.raises(ValueError, match="ref_logprobs_BS"):
         actor_loss(new, old, adv, mask, norm, RLConfig(lm_loss_coef=0.0, kl_coef=0.1))
@@ -214,7 +215,7 @@ def make_problem():
     adv = torch.randn(B_TOTAL, S_MAX, generator=g, dtype=torch.float64)
     old_values = torch.randn(B_TOTAL, S_MAX, generator=g, dtype=torch.float64)
     returns = torch.randn(B_TOTAL, S_MAX, generator=g, dtype=torch.float64)
-    positive = torch.tensor([True, False, True, True, False, False])
+    positive = torch.tensor([True, False, True, True, False, False])[:, None].expand(B_TOTAL, S_MAX)
     torch.manual_seed(0)
     policy = torch.nn.Linear(H, V).double()
     critic = torch.nn.Linear(H, 1).double()
@@ -288,6 +289,15 @@ def test_dp2_gradients_equal_one_process(agg):
 
 def test_normalizer_denominators():
     mask = torch.tensor([[1, 1, 0], [0, 0, 0], [1, 1, 1]], dtype=torch.bool)
-    norm = compute_normalizer([mask, mask[:1]], [torch.tensor([True, True, False]), torch.tensor([True])])
-    assert norm == LossNormalizer(tokens=7.0, sequences=3.0, positive_tokens=4.0, positive_sequences=2.0)
+    positive = torch.tensor([True, True, False])[:, None].expand_as(mask)
+    norm = compute_normalizer([mask, mask[:1]], [positive, positive[:1]])
+    want = LossNormalizer(tokens=7.0, sequences=3.0, positive_tokens=4.0, positive_sequences=2.0)
+    assert norm == want
     assert norm.denominator("sequence", positive=True) == 2.0
+    # the same sequences packed into one row (rl.packing): documents, not rows, are the sequences
+    packed = {"mask": torch.tensor([[1, 1, 0, 1, 1, 1, 1, 1, 0]], dtype=torch.bool),
+              "positive": torch.tensor([[1, 1, 1, 0, 0, 0, 1, 1, 1]], dtype=torch.bool),
+              "docs": torch.tensor([[0, 0, 0, 1, 1, 1, 2, 2, 2]])}
+    units = normalizer_units(packed["mask"], packed["positive"], packed["docs"])
+    assert LossNormalizer.from_totals({k: float(v) for k, v in units.items()}) == LossNormalizer(
+        tokens=7.0, sequences=3.0, positive_tokens=4.0, positive_sequences=2.0)

@@ -4,7 +4,8 @@ pretraining and the pairwise reward model.
 :meth:`Trainer.train_step` takes this rank's share of one optimizer step's global batch
 (a dict of ``[B, ...]`` tensors) and a :class:`LossSpec`:
 
-1. the batch is cut into ``train.micro_batch_size``-row micro-batches;
+1. the batch is cut into ``train.micro_batch_size``-row micro-batches (or comes as a list of
+   ready micro-batches: the RL steps' packed rows, ``train.max_tokens_per_micro_batch``);
 2. ``spec.units(mb)`` counts what the loss is normalised by (tokens, positive tokens,
    sequences, pairs); the counts are summed over the micro-batches and the ``dp``
    ranks into the step's global totals ``N`` (cp ranks hold the same sequences, see below);
@@ -151,10 +152,11 @@ class Trainer:
         """Rows of the global batch this rank's data-parallel replica trains on per step."""
         return self.cfg.train.micro_batch_size * self.num_microbatches
 
-    def microbatches(self, batch: dict) -> list:
-        """This rank's rows of a batch cut into micro-batches, on the rank's device."""
-        return [{k: v.to(self.ps.device, non_blocking=True) for k, v in mb.items()}
-                for mb in split_microbatches(batch, self.cfg.train.micro_batch_size)]
+    def microbatches(self, batch) -> list:
+        """This rank's rows of a batch cut into micro-batches, on the rank's device. A list is taken as
+        the micro-batches themselves (packed rows of several sequences, :mod:`rl.packing`)."""
+        parts = batch if isinstance(batch, list) else split_microbatches(batch, self.cfg.train.micro_batch_size)
+        return [{k: v.to(self.ps.device, non_blocking=True) for k, v in mb.items()} for mb in parts]
 
     def lr(self) -> float:
         t = self.cfg.train
