@@ -1,7 +1,7 @@
 """Packed, token-balanced PPO micro-batches (``train.max_tokens_per_micro_batch``, rl.packing).
 
 A skewed rollout batch (one long sequence, many short ones) trains to the same actor and
-critic weights packed as padded (rel 1e-5): in one process, over dp=2 (rows moved between
+critic weights packed as padded (rel 1e-5; a value-pretraining step likewise): in one process, over dp=2 (rows moved between
 the ranks so their tokens balance within 10%, the same number of micro-batches on each)
 and under cp=2 (packed rows whose documents cross the chunk boundaries). A sequence
 longer than the budget, and packing with the per-row sequence mean, are refused naming
@@ -107,6 +107,23 @@ def test_packed_ppo_step_balanced_over_dp2_and_under_cp2_equals_padded(padded):
     # without balancing, rank 0 would hold the long row and its mini-batch neighbours: far from balanced
     naive = [int(dp_shard(skewed_rollouts(), r, 2, MINI_BATCHES)["padding_mask_BS"].sum()) for r in range(2)]
     assert max(naive) / (sum(naive) / 2) - 1 > 0.10, naive
+
+
+def critic_after_value_pretraining(max_tokens) -> dict:
+    from rl.value_pretrain import value_pretrain_step
+
+    ppo = ppo_trainer({}, 1, 0, max_tokens)
+    metrics = value_pretrain_step(ppo.critic, skewed_rollouts(), ppo.cfg)
+    return {"critic": full_parameters(ppo.critic), "metrics": metrics}
+
+
+@pytest.mark.timeout(120)
+def test_packed_value_pretraining_step_equals_padded():
+    padded, packed = critic_after_value_pretraining(None), critic_after_value_pretraining(BUDGET)
+    for name, ref in padded["critic"].items():
+        assert_close_rel(packed["critic"][name], ref, 1e-5, name)
+    assert packed["metrics"]["tokens"] == padded["metrics"]["tokens"] and packed["metrics"]["sequences"] == ROWS
+    assert packed["metrics"]["value_loss"] == pytest.approx(padded["metrics"]["value_loss"], rel=1e-5)
 
 
 def test_karmarkar_karp_one_long_many_short():
