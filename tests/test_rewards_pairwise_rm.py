@@ -56,13 +56,13 @@ def test_score_is_value_at_last_real_token():
     assert torch.allclose(batched[0], alone[0], atol=1e-5)  # right padding does not change the score
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(200)
 def test_learns_synthetic_preference(one_thread):
     torch.manual_seed(0)
-    trainer, model = rm_trainer(steps=150, pairs_per_step=16)
+    trainer, model = rm_trainer(steps=50, pairs_per_step=16)  # held-out accuracy passes 0.9 by step 20
     train, held_out = synthetic_pairs(512, seed=1), synthetic_pairs(200, seed=2)
     before = evaluate(trainer, model, held_out)
-    history = train_reward_model(trainer, model, train, eval_pairs=held_out, eval_every=50)
+    history = train_reward_model(trainer, model, train, eval_pairs=held_out, eval_every=25)
     after = history[-1]
     assert after["eval_accuracy"] >= 0.9, history
     assert after["eval_loss"] < before["loss"]
