@@ -10,14 +10,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
+from megatron_seed.cli import main
 from megatron_seed.commands.convert import to_hf
-from megatron_seed.config import ConfigError, MoEConfig, ParallelConfig
+from megatron_seed.config import ConfigError, MoEConfig, ParallelConfig, config_from_dict
 from megatron_seed.convert.hf import load_hf_checkpoint, save_hf_checkpoint
 from megatron_seed.model.gpt import GPTModel
 from megatron_seed.parallel.spawn import run_distributed
@@ -55,22 +54,15 @@ def test_sharded_checkpoint_converts_in_one_process_to_the_one_process_weights(t
         torch.testing.assert_close(got[name], tensor, rtol=0, atol=0, msg=name)
 
 
-def _cli(*args: str, cwd: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": os.environ.get("PYTHONPATH", os.getcwd())}
-    return subprocess.run([sys.executable, "-m", "megatron_seed.cli", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=280)
-
-
-@pytest.mark.timeout(300)
-def test_readme_convert_command_works_on_the_demo_output(tmp_path) -> None:
-    run = _cli("demo", "--steps", "2", cwd=str(tmp_path))
-    assert run.returncode == 0, run.stderr[-2000:]
-    done = _cli("convert", "to-hf", "--load", "runs/demo", "--out", "hf_model", cwd=str(tmp_path))
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert "Glm4MoeForCausalLM" in done.stdout
+@pytest.mark.timeout(240)
+def test_readme_convert_command_works_on_the_demo_output(tmp_path, monkeypatch, capsys) -> None:
+    """The README's commands through the CLI's entry point, in this process (each would start a fresh interpreter)."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["demo", "--steps", "2"]) == 0
+    assert main(["convert", "to-hf", "--load", "runs/demo", "--out", "hf_model"]) == 0
+    assert "Glm4MoeForCausalLM" in capsys.readouterr().out
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf_model"), dtype=torch.float32).eval()
     ckpt = checkpoint.open_checkpoint(str(tmp_path / "runs" / "demo"))
-    from megatron_seed.config import config_from_dict
-
     m = config_from_dict(ckpt.meta["config"]).model
     ours = GPTModel(m, ParallelState.single())
     checkpoint.load_model_weights([ours], ParallelState.single(), str(tmp_path / "runs" / "demo"))
@@ -78,14 +70,14 @@ def test_readme_convert_command_works_on_the_demo_output(tmp_path) -> None:
     with torch.no_grad():
         assert (hf(ids).logits - ours(ids)).abs().max() <= 1e-4
 
-    back = _cli("convert", "from-hf", "--hf", "hf_model", "--out", "runs/imported", cwd=str(tmp_path))
-    assert back.returncode == 0, back.stderr[-2000:]
+    assert main(["convert", "from-hf", "--hf", "hf_model", "--out", "runs/imported"]) == 0
     imported = checkpoint.open_checkpoint(str(tmp_path / "runs" / "imported"))
     for name, tensor in ours.state_dict().items():
         torch.testing.assert_close(imported.read_full(f"model/{name}"), tensor, rtol=0, atol=0, msg=name)
 
-    again = _cli("convert", "to-hf", "--load", "runs/demo", "--out", "hf_model", cwd=str(tmp_path))
-    assert again.returncode != 0 and "not empty; nothing was written" in again.stderr
+    capsys.readouterr()
+    assert main(["convert", "to-hf", "--load", "runs/demo", "--out", "hf_model"]) != 0
+    assert "not empty; nothing was written" in capsys.readouterr().err
 
 
 def test_damaged_checkpoint_fails_naming_the_file(tmp_path) -> None:
