@@ -5,7 +5,8 @@ critic weights packed as padded (rel 1e-5; a value-pretraining step likewise): i
 the ranks so their tokens balance within 10%, the same number of micro-batches on each)
 and under cp=2 (packed rows whose documents cross the chunk boundaries). A sequence
 longer than the budget, and packing with the per-row sequence mean, are refused naming
-the field and the fix.
+the field and the fix. The RL trainer with ``train.max_tokens_per_micro_batch`` set runs
+value pretraining and PPO as the padded run does, and refuses a budget below a sequence.
 """
 import dataclasses
 
@@ -148,3 +149,39 @@ def test_packing_config_is_checked_at_load(tmp_path):
         tiny_rl_config(tmp_path, "train.max_tokens_per_micro_batch=0")
     with pytest.raises(ConfigError, match=r"rl\.loss_agg='sequence' with train\.max_tokens_per_micro_batch=512.*fix"):
         tiny_rl_config(tmp_path, "train.max_tokens_per_micro_batch=512", "rl.loss_agg=sequence")
+
+
+
+def first_rl_steps(save_dir, *overrides: str) -> dict:
+    """The tiny RL run's value-pretraining step and first PPO step: the logged records and every PPO update."""
+    import json
+
+    from data.tokenizer import load_tokenizer
+    from rl.rl_trainer import RLTrainer
+    from tests.rl_trainer_utils import ParityRouter, math_records, tiny_rl_config
+
+    # greedy: both runs sample the same rollouts; no aux loss (a per-micro-batch statistic)
+    cfg = tiny_rl_config(save_dir, "rollout.temperature=0", "train.micro_batch_size=2", "train.adam_eps=1e-4", "model.moe.aux_loss_coef=0",
+                         "rl.value_pretrain_steps=1", "rl.ppo_epochs=1", "sft.steps=0", "rl.eval_prompts=0", *overrides)
+    rl = RLTrainer(cfg, ParallelState.single(), load_tokenizer(cfg.data.tokenizer), math_records(), ParityRouter())
+    rl.fit()
+    records = [json.loads(line) for line in open(f"{save_dir}/metrics.jsonl")]
+    updates = [{f"{role}/{k}": u[role][k] for role in ("actor", "critic") for k in ("loss", "grad_norm")} for u in rl.ppo.updates]
+    return {"records": records, "updates": updates}
+
+
+@pytest.mark.timeout(300)
+def test_rl_trainer_with_packing_trains_as_padded(tmp_path):
+    padded = first_rl_steps(tmp_path / "padded")
+    packed = first_rl_steps(tmp_path / "packed", "train.max_tokens_per_micro_batch=256")
+    assert [r["phase"] for r in packed["records"]] == ["value_pretrain", "ppo"]
+    for key in ("value_pretrain/value_loss", "ppo/rollout/response_length", "ppo/critic/explained_variance_before"):
+        assert packed["records"][0 if key.startswith("value") else 1][key] == pytest.approx(
+            padded["records"][0 if key.startswith("value") else 1][key], rel=1e-5), key
+    assert 0 < packed["records"][1]["ppo/packing/fill"] <= 1
+    assert len(packed["updates"]) == len(padded["updates"]) == 2  # 2 mini-batches
+    for got, want in zip(packed["updates"], padded["updates"]):
+        for key, value in want.items():
+            assert got[key] == pytest.approx(value, rel=1e-5), key
+    with pytest.raises(ConfigError, match=r"train\.max_tokens_per_micro_batch=8: a sequence has \d+ tokens"):
+        first_rl_steps(tmp_path / "too_small", "train.max_tokens_per_micro_batch=8")
