@@ -10,6 +10,9 @@ the vocabulary does (used to key caches of tokenized data).
 - ``"bundled"``: the sentencepiece BPE model of vocabulary 2048 trained on the bundled
   corpus (``data/corpus/bundled.model``, committed, 30 KB; where it is missing it is
   trained once into the cache directory; :func:`train_bundled` rebuilds it, byte for byte);
+- ``"bytes"``: :class:`ByteTokenizer`, one id per UTF-8 byte after the same special ids
+  (vocabulary 264, nothing to train or load; what ByT5-style character-level models use,
+  and what lets a tiny model sample every digit of an answer);
 - a path to a sentencepiece ``.model`` file;
 - a Hugging Face tokenizer directory (``tokenizer.json`` / ``tokenizer_config.json``),
   loaded with ``transformers`` so converted HF checkpoints keep their vocabulary.
@@ -26,6 +29,7 @@ import abc
 import hashlib
 import io
 import json
+import re
 from pathlib import Path
 from typing import Iterable, Optional, Union
 
@@ -114,6 +118,62 @@ class SentencePieceTokenizer(Tokenizer):
 
     def __setstate__(self, state: dict) -> None:
         self.__init__(state["proto"], state["name"])
+
+
+class ByteTokenizer(Tokenizer):
+    """UTF-8 bytes after the specials: ids 0..3 ``<pad> <unk> <s> </s>``, 4..7 the chat specials
+    ``<|system|> <|user|> <|assistant|> <|end|>``, then byte ``b`` is id ``8 + b``.
+
+    As in the sentencepiece models, a chat special written in the text encodes to its one id
+    and decodes back to its piece, so ``decode(encode(text)) == text`` for every string;
+    ``<pad> <s> </s>`` decode to nothing and bytes that are not valid UTF-8 (a sampled
+    partial character) to U+FFFD.
+    """
+
+    CONTROL = ("<pad>", "<unk>", "<s>", "</s>")
+    BYTE_OFFSET = len(CONTROL) + len(SPECIAL_SYMBOLS)
+
+    def __init__(self) -> None:
+        self.name = "bytes"
+        self._special_ids = {piece: i for i, piece in enumerate((*self.CONTROL, *SPECIAL_SYMBOLS))}
+        self._specials = re.compile("(" + "|".join(re.escape(p) for p in SPECIAL_SYMBOLS) + ")")
+        self.vocab_size = self.BYTE_OFFSET + 256
+        self.pad_id, self.unk_id, self.bos_id, self.eos_id = range(len(self.CONTROL))
+        self.end_of_turn_id = self._special_ids[END_OF_TURN]
+        self.fingerprint = hashlib.sha256(json.dumps(["bytes", *self._special_ids]).encode()).hexdigest()[:16]
+
+    def encode(self, text: str) -> list:
+        ids = []
+        for i, part in enumerate(self._specials.split(text)):  # odd parts are the specials matched
+            if i % 2:
+                ids.append(self._special_ids[part])
+            else:
+                ids.extend(self.BYTE_OFFSET + b for b in part.encode("utf-8"))
+        return ids
+
+    def decode(self, ids: Iterable[int]) -> str:
+        pieces, run = [], bytearray()
+        for i in map(int, ids):
+            if not 0 <= i < self.vocab_size:
+                raise TokenizerError(f"tokenizer bytes: id {i} is outside the vocabulary 0..{self.vocab_size - 1}")
+            if i >= self.BYTE_OFFSET:
+                run.append(i - self.BYTE_OFFSET)
+                continue
+            pieces.append(run.decode("utf-8", errors="replace"))
+            run = bytearray()
+            if i == self.unk_id:
+                pieces.append("\ufffd")
+            elif i >= len(self.CONTROL):
+                pieces.append(SPECIAL_SYMBOLS[i - len(self.CONTROL)])
+        pieces.append(run.decode("utf-8", errors="replace"))
+        return "".join(pieces)
+
+    def token_to_id(self, piece: str) -> Optional[int]:
+        """A special's id, or the id of a one-byte piece (``"7"``); None otherwise."""
+        if piece in self._special_ids:
+            return self._special_ids[piece]
+        raw = piece.encode("utf-8")
+        return self.BYTE_OFFSET + raw[0] if len(raw) == 1 else None
 
 
 class HFTokenizer(Tokenizer):
@@ -208,8 +268,10 @@ def train_bundled(path: Union[str, Path] = BUNDLED_MODEL) -> Path:
 
 
 def load_tokenizer(spec: Union[str, Path]) -> Tokenizer:
-    """``"bundled"``, a sentencepiece ``.model`` path, or a HF tokenizer directory -> :class:`Tokenizer`."""
+    """``"bundled"``, ``"bytes"``, a sentencepiece ``.model`` path, or a HF tokenizer directory -> :class:`Tokenizer`."""
     spec_str = str(spec)
+    if spec_str == "bytes":
+        return ByteTokenizer()
     if spec_str == "bundled":
         path = BUNDLED_MODEL
         if not path.exists():  # e.g. an install without package data: train once into the cache
@@ -232,5 +294,5 @@ def load_tokenizer(spec: Union[str, Path]) -> Tokenizer:
             raise TokenizerError(f"tokenizer {spec_str}: directory has no tokenizer.json / tokenizer_config.json / tokenizer.model")
         return HFTokenizer(path)
     raise TokenizerError(
-        f"tokenizer {spec_str!r}: no such file or directory; use 'bundled', a sentencepiece .model file or a HF tokenizer directory"
+        f"tokenizer {spec_str!r}: no such file or directory; use 'bundled', 'bytes', a sentencepiece .model file or a HF tokenizer directory"
     )

@@ -131,7 +131,7 @@ class TrainConfig:
 
 @dataclass
 class DataConfig:
-    tokenizer: str = "bundled"  # bundled | path to a sentencepiece .model | HF tokenizer dir
+    tokenizer: str = "bundled"  # bundled | bytes | path to a sentencepiece .model | HF tokenizer dir
     train_data: list = field(default_factory=lambda: ["bundled"])  # paths (prefixes) or "bundled"
     weights: Optional[list] = None  # blending weights, one per train_data entry
     text_field: str = "text"
