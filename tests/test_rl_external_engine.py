@@ -45,7 +45,7 @@ def external_config(tmp_path, url: str, *extra: str):
         f"rl.steps={STEPS}", "rl.value_pretrain_steps=0", "rl.prompts_per_step=2", "rollout.samples_per_prompt=2",
         "rollout.max_new_tokens=8", "rollout.engine=external",
         f"rollout.external_url={url}", f"rollout.external_weights_dir={tmp_path / 'weights'}", f"train.save_dir={tmp_path / 'run'}",
-        "train.save_interval=0", "rl.log_samples_interval=0",
+        "train.save_interval=0", "rl.log_samples_interval=0", "sft.steps=0", "rl.eval_prompts=0",
         *extra,
     ])
 
