@@ -50,3 +50,13 @@ def test_an_id_outside_the_vocabulary_is_refused(tok):
         tok.decode([8, 264])
     with pytest.raises(TokenizerError, match="'bytes'"):
         load_tokenizer("byte")  # a near miss is not a tokenizer: the message lists the specs
+
+
+def test_the_readme_job_runs_on_the_byte_tokenizer_and_a_too_small_vocabulary_is_refused():
+    from megatron_seed.config import ConfigError, load_config
+    from megatron_seed.train.run_setup import load_run_tokenizer
+
+    cfg = load_config("rl-tiny")
+    assert cfg.data.tokenizer == "bytes" and load_run_tokenizer(cfg).vocab_size <= cfg.model.vocab_size
+    with pytest.raises(ConfigError, match="model.vocab_size=256"):
+        load_run_tokenizer(load_config("rl-tiny", overrides=["model.vocab_size=256"]))
