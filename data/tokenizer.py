@@ -126,8 +126,9 @@ class ByteTokenizer(Tokenizer):
 
     As in the sentencepiece models, a chat special written in the text encodes to its one id
     and decodes back to its piece, so ``decode(encode(text)) == text`` for every string;
-    ``<pad> <s> </s>`` decode to nothing and bytes that are not valid UTF-8 (a sampled
-    partial character) to U+FFFD.
+    ``<pad> <s> </s>`` decode to nothing; bytes that are not valid UTF-8 (a sampled partial
+    character), ``<unk>`` and ids past the vocabulary (the unused rows of a model whose
+    ``vocab_size`` is padded, which an untrained policy can sample) to U+FFFD.
     """
 
     CONTROL = ("<pad>", "<unk>", "<s>", "</s>")
@@ -154,14 +155,14 @@ class ByteTokenizer(Tokenizer):
     def decode(self, ids: Iterable[int]) -> str:
         pieces, run = [], bytearray()
         for i in map(int, ids):
-            if not 0 <= i < self.vocab_size:
-                raise TokenizerError(f"tokenizer bytes: id {i} is outside the vocabulary 0..{self.vocab_size - 1}")
-            if i >= self.BYTE_OFFSET:
+            if i < 0:
+                raise TokenizerError(f"tokenizer bytes: id {i} is negative; ids are 0..{self.vocab_size - 1}")
+            if self.BYTE_OFFSET <= i < self.vocab_size:
                 run.append(i - self.BYTE_OFFSET)
                 continue
             pieces.append(run.decode("utf-8", errors="replace"))
             run = bytearray()
-            if i == self.unk_id:
+            if i == self.unk_id or i >= self.vocab_size:  # past the vocabulary: a padded model's unused rows, sampled
                 pieces.append("\ufffd")
             elif i >= len(self.CONTROL):
                 pieces.append(SPECIAL_SYMBOLS[i - len(self.CONTROL)])

@@ -45,9 +45,10 @@ def test_chat_template_uses_the_seed_layout(tok):
     assert rendered.loss_mask == [0] * 10 + [1, 1]  # the reply and its end-of-turn only
 
 
-def test_an_id_outside_the_vocabulary_is_refused(tok):
-    with pytest.raises(TokenizerError, match="264"):
-        tok.decode([8, 264])
+def test_a_negative_id_is_refused_and_a_padded_row_decodes_as_unknown(tok):
+    assert tok.decode([*tok.encode("a"), 270, *tok.encode("b")]) == "a\ufffdb"  # model.vocab_size 272 > 264
+    with pytest.raises(TokenizerError, match="negative"):
+        tok.decode([8, -1])
     with pytest.raises(TokenizerError, match="'bytes'"):
         load_tokenizer("byte")  # a near miss is not a tokenizer: the message lists the specs
 
