@@ -21,7 +21,10 @@ Two model sizes (``--model``, default both): ``bench``, the script's own shape (
 16 experts top-4, vocab 4096), and ``tiny``, the ``tiny`` preset (``configs/tiny.yaml``:
 hidden 128, 8 experts top-2, vocab 2048) without its shared expert, which Qwen3-MoE lacks.
 
-    .venv/bin/python benchmarks/bench_rollout.py [--model bench tiny] [--batches 1 16] [--new-tokens 128] [--threads 1] [--compile] [--glibc-malloc-defaults]
+``--device cuda`` runs both on the GPU (``benchmarks/gpu_check.sh`` runs it so); the CPU-time
+columns then count the host's launch work only.
+
+    .venv/bin/python benchmarks/bench_rollout.py [--model bench tiny] [--batches 1 16] [--new-tokens 128] [--threads 1] [--compile] [--device cpu] [--glibc-malloc-defaults]
 """
 from __future__ import annotations
 
@@ -52,26 +55,35 @@ def model_config(name: str) -> ModelConfig:
     return load_config("tiny", overrides=["model.moe.num_shared_experts=0", "model.moe.score_function=softmax"]).model
 
 
-def build_models(cfg: ModelConfig, seed: int) -> tuple:
+def build_models(cfg: ModelConfig, seed: int, ps: ParallelState) -> tuple:
+    """Our model and HF's with the same weights, both on ``ps.device``."""
     from transformers import Qwen3MoeForCausalLM
 
-    ours = GPTModel(cfg, ParallelState.single()).eval()
+    ours = GPTModel(cfg, ps).eval()
     ours.init_weights(seed)
     with tempfile.TemporaryDirectory() as tmp:
         save_hf_checkpoint(ours.state_dict(), cfg, tmp)
         hf = Qwen3MoeForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()
-    return ours, hf
+    return ours.to(ps.device), hf.to(ps.device)
 
 
 class Clock:
-    """Wall and process-CPU seconds of a block."""
+    """Wall and process-CPU seconds of a block (on cuda, until its queued kernels are done)."""
+
+    device = torch.device("cpu")
 
     def __enter__(self) -> "Clock":
+        self._sync()
         self.wall, self.cpu = time.perf_counter(), time.process_time()
         return self
 
     def __exit__(self, *exc) -> None:
+        self._sync()
         self.wall, self.cpu = time.perf_counter() - self.wall, time.process_time() - self.cpu
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
 
 def time_ours(engine: RolloutEngine, prompts: list, new_tokens: int) -> tuple:
@@ -82,7 +94,7 @@ def time_ours(engine: RolloutEngine, prompts: list, new_tokens: int) -> tuple:
 
 @torch.no_grad()
 def time_hf(hf, prompts: list, new_tokens: int) -> tuple:
-    ids = torch.tensor(prompts)
+    ids = torch.tensor(prompts, device=hf.device)
     with Clock() as clock:
         out = hf.generate(
             input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
@@ -94,9 +106,10 @@ def time_hf(hf, prompts: list, new_tokens: int) -> tuple:
 def run_model(name: str, args: argparse.Namespace) -> None:
     """Print one table: tokens/s of ours and HF per batch size, for model ``name``."""
     m = model_config(name)
-    ours, hf = build_models(m, seed=0)
+    ps = ParallelState.single(device=args.device)
+    ours, hf = build_models(m, 0, ps)
     rollout = RolloutConfig(kv_cache_budget_mb=1024, compile=args.compile)
-    engine = RolloutEngine(ours, ParallelState.single(), rollout, stop_ids=[], pad_id=0)
+    engine = RolloutEngine(ours, ps, rollout, stop_ids=[], pad_id=0)
     print(f"model {name}: hidden {m.hidden_size}, {m.num_layers} layers, {m.num_attention_heads}/{m.num_kv_heads} heads, "
           f"{m.moe.num_experts} experts top-{m.moe.top_k} (ffn {m.moe.ffn_size}), vocab {m.vocab_size}; "
           f"prompt {args.prompt_len}, {args.new_tokens} new tokens, greedy, {args.threads} thread(s), best of {args.repeats}; "
@@ -129,10 +142,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--compile", action="store_true", help="our decode steps through torch.compile (rollout.compile=true)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where both models generate")
     parser.add_argument("--glibc-malloc-defaults", action="store_true", help="leave glibc's mmap/trim thresholds as they are")
     args = parser.parse_args()
+    Clock.device = torch.device(args.device)
     heap = "glibc defaults" if args.glibc_malloc_defaults or not keep_freed_memory_in_heap() else "freed memory kept in the heap"
-    print(f"torch {torch.__version__}, host allocator: {heap}")
+    where = torch.cuda.get_device_name(Clock.device) if Clock.device.type == "cuda" else "cpu"
+    print(f"torch {torch.__version__}, {where}, host allocator: {heap}")
     torch.set_num_threads(args.threads)
     for name in args.model:
         run_model(name, args)

@@ -4,7 +4,9 @@
 #   2. the Triton MoE kernels equal their torch references on cuda                              (tests/moe_triton_checks.py)
 #   3. the dry run's parameter/optimizer bytes equal what a cuda run allocates                     (tests/test_gpu.py)
 #   4. Triton vs torch MoE kernel throughput on the GPU                                            (benchmarks/bench_moe_kernels.py)
-# Prints one summary table; each check's log is in $LOGS. Exit status 1 if any check failed.
+#   5. the MoE layer (torch / inductor / triton backends vs HF's block vs the GEMM floor) on cuda    (benchmarks/bench_moe_layer.py)
+#   6. rollout: our KV-cache engine vs HF generate on cuda                                          (benchmarks/bench_rollout.py)
+# Prints one summary table and each benchmark's table; each check's log is in $LOGS. Exit status 1 if any check failed.
 # Usage: bash benchmarks/gpu_check.sh   (PYTHON=... to choose the interpreter)
 set -u
 cd "$(dirname "$0")/.."
@@ -25,9 +27,13 @@ check() {  # check NAME COMMAND...: run with a 5-minute cap, record PASS/FAIL an
 check "cuda step == cpu step; bf16 loss falls" "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu.py
 check "triton kernels == torch reference (cuda)" env MOE_CHECK_DEVICE=cuda "$PY" tests/moe_triton_checks.py
 check "moe kernel throughput (triton vs torch)" "$PY" benchmarks/bench_moe_kernels.py
+check "moe layer on cuda (ours vs HF vs floor)" "$PY" benchmarks/bench_moe_layer.py --device cuda --repeats 10
+check "rollout on cuda (ours vs HF generate)" "$PY" benchmarks/bench_rollout.py --device cuda --batches 1 16 64 --repeats 2
 "$PY" -c "import torch; print('device:', torch.cuda.get_device_name(0), '| torch', torch.__version__)"
 printf '%-44s %-5s %6s  %s\n' "check" "state" "time" "log"
 printf '%s\n' "${rows[@]}"
-echo "--- moe kernel throughput"
-cat "$LOGS/moe_kernel_throughput_(triton_vs_torch).log" 2>/dev/null | tail -12
+for name in "moe kernel throughput (triton vs torch)" "moe layer on cuda (ours vs HF vs floor)" "rollout on cuda (ours vs HF generate)"; do
+  echo "--- $name"
+  grep -v "Loading weights" "$LOGS/${name// /_}.log" 2>/dev/null | tail -12
+done
 exit $failed
