@@ -2,12 +2,16 @@
 
 Without ``--layout`` it searches every valid layout for ``--gpus`` GPUs, drops those that do
 not fit (saying why) and ranks the rest by estimated throughput; with ``--layout`` it
-evaluates that one. See :mod:`megatron_seed.plan` for the model and its assumptions.
+evaluates that one. ``--check-dry-run`` then runs the dry run of the first and the last rank of
+that layout (or of the best one found) and compares the planner's memory with it category by
+category (:mod:`megatron_seed.plan.executed`). See :mod:`megatron_seed.plan` for the model and
+its assumptions.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from megatron_seed.cli import add_config_arguments
 
@@ -37,10 +41,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--show", type=int, default=10, help="ranked layouts listed")
     parser.add_argument("--detail", type=int, default=3, help="best layouts shown with their memory breakdown")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+    parser.add_argument("--check-dry-run", action="store_true",
+                        help="compare the memory of the layout (or the best one) with the dry run of its first and last rank")
 
 
 def run(args: argparse.Namespace) -> int:
-    from megatron_seed.config import load_config
+    from megatron_seed.config import ConfigError, load_config
     from megatron_seed.params import count_parameters, format_count
     from megatron_seed.plan.hardware import get_gpu
     from megatron_seed.plan.inputs import Assumptions, Cluster, Workload, check_workload
@@ -59,6 +65,10 @@ def run(args: argparse.Namespace) -> int:
         kv_dtype=args.kv_dtype,
     )
     check_workload(workload, cluster, m.max_seq_len)
+    if args.check_dry_run and args.stack != "ours":
+        raise ConfigError(f"--check-dry-run with --stack {args.stack}: the dry run executes this stack; fix: --stack ours")
+    if args.check_dry_run and args.json:
+        raise ConfigError("--check-dry-run prints a table; fix: drop --json")
     assumptions = Assumptions.profile(args.stack).replace(args.assume)
     counts = count_parameters(m)
     name = args.preset or args.config or "default config"
@@ -75,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
             print(json.dumps({"inputs": inputs_json(cluster, workload, assumptions), "evaluation": evaluation_json(evaluation)}, indent=1))
         else:
             print(format_evaluation(evaluation, header, workload, assumptions))
-        return 0
+        return check_dry_run(cfg, evaluation.layout, workload, assumptions) if args.check_dry_run else 0
     result = search(m, workload, cluster, assumptions, max_vpp=args.max_vpp, max_cp=args.max_cp)
     if args.json:
         print(json.dumps({
@@ -85,4 +95,21 @@ def run(args: argparse.Namespace) -> int:
         }, indent=1))
     else:
         print(format_search(result, header, workload, assumptions, args.show, args.detail))
-    return 0 if result.ranked else 1
+    if not result.ranked:
+        return 1
+    return check_dry_run(cfg, result.ranked[0].layout, workload, assumptions) if args.check_dry_run else 0
+
+
+def check_dry_run(cfg, layout, workload, assumptions) -> int:
+    """Print the planner-vs-dry-run table of ``layout``'s first and last rank; 1 if a category disagrees."""
+    from megatron_seed.plan.dry_run import DryRunError
+    from megatron_seed.plan.executed import check_against_dry_run, check_workload, format_checks
+
+    ranks = (0, layout.world - 1)
+    try:
+        rows = check_against_dry_run(cfg, layout, workload, assumptions, ranks)
+    except DryRunError as e:
+        print(f"megatron-seed plan --check-dry-run: the dry run of {layout.label()} fails: {e}", file=sys.stderr)
+        return 1
+    print(format_checks(rows, layout, check_workload(layout, workload, ranks)))
+    return 0 if all(r.agrees for r in rows) else 1

@@ -34,7 +34,8 @@ rank assumed to route like this one (a batch whose slots ``T * A`` ep does not d
 balanced that way and is refused at the all-to-all).
 
 Memory: every storage on the run's device is counted from the op that allocated it until it is
-freed. At each new peak the live bytes are split into ``parameters``, ``gradients``,
+freed. At each new peak the live bytes are split into ``parameters``, ``gradients`` (``p.grad``
+and the flat fp32 chunks of an overlapped gradient all-reduce started in backward),
 ``optimizer_states`` (fp32 master weights, Adam moments, decay mask), ``kv_cache`` and the rest,
 which is ``activations`` when allocated inside a module's forward or backward and
 ``temporaries`` otherwise (e.g. the optimizer's flat gradient buffers). Attention runs the
@@ -148,6 +149,10 @@ class _Run:
     def start_phase(self) -> None:
         self.peak_bytes = self.live_bytes
         self.peak = self._split()
+
+    def snapshot(self) -> dict:
+        """The current phase's peak so far: ``{category: bytes, "total": bytes}``."""
+        return {**self.peak, "total": self.peak_bytes}
 
     # -------------------------------------------------------------- values
     def shadow(self, t: torch.Tensor) -> Optional[torch.Tensor]:
@@ -484,6 +489,7 @@ class DryRunReport:
     rank: int
     coordinates: dict
     phases: dict = field(default_factory=dict)  # phase -> {category: bytes at the phase's peak, "total": peak}
+    sections: dict = field(default_factory=dict)  # "phase/section" -> the same, for parts of a phase (train's forward_backward)
     off_device: list = field(default_factory=list)  # (op, module, device, bytes)
     unknown_reads: int = 0
 
@@ -497,7 +503,7 @@ class DryRunReport:
         unit, size = ("GiB", 2**30) if self.peak()["total"] >= 2**30 else ("MiB", 2**20)
         head = f"{'phase':<11}" + "".join(f"{c:>17}" for c in CATEGORIES) + f"{'peak':>12}"
         lines = [f"rank {self.rank} of {self.world} {self.coordinates}, {unit} at each phase's peak", head, "-" * len(head)]
-        for name, p in self.phases.items():
+        for name, p in [*self.phases.items(), *((f"  {k.split('/')[1]}", v) for k, v in self.sections.items())]:
             lines.append(f"{name:<11}" + "".join(f"{p[c] / size:>17.2f}" for c in CATEGORIES) + f"{p['total'] / size:>12.2f}")
         off = sum(b for *_, b in self.off_device)
         lines.append(f"allocated off the device: {len(self.off_device)} tensors, {off / 2**20:.2f} MiB"
@@ -522,6 +528,7 @@ class DryRunState:
     trainers: list = field(default_factory=list)
     frozen: list = field(default_factory=list)
     kv_cache: object = None
+    sections: dict = field(default_factory=dict)  # "phase/section" -> peak by category (see train_phase)
 
     @property
     def trainer(self):
@@ -546,7 +553,8 @@ def build_phase(cfg: Config, world: int, rank: int, run: _Run) -> DryRunState:
     ps = ParallelState.build(cfg.parallel, world, rank, device=RUN_DEVICE)
     state = DryRunState(cfg, ps, run, [Trainer(cfg, ps)])
     run.known["parameters"] = lambda: _storages(state.params())
-    run.known["gradients"] = lambda: _storages(p.grad for p in state.params())
+    run.known["gradients"] = lambda: _storages([*(p.grad for p in state.params()),
+                                                *(g for tr in state.trainers for g in tr.optimizer.reducing_gradients())])
     run.known["optimizer_states"] = lambda: _storages(t for tr in state.trainers for t in tr.optimizer.state_tensors())
     run.known["kv_cache"] = lambda: _storages([*state.kv_cache.k.values(), *state.kv_cache.v.values(), state.kv_cache.bias_BL]
                                               if state.kv_cache is not None else [])
@@ -555,12 +563,32 @@ def build_phase(cfg: Config, world: int, rank: int, run: _Run) -> DryRunState:
 
 
 def train_phase(state: DryRunState) -> None:
-    """One LM train step: forward and backward of every micro-batch, grad reduction, optimizer step."""
+    """One LM train step: forward and backward of every micro-batch, grad reduction, optimizer step.
+
+    Besides the step's peak, the sections ``train/fwd_bwd`` (up to the optimizer step:
+    the activations' peak, what the planner's activation model predicts) and
+    ``train/opt_step`` are recorded in ``state.sections``."""
     from megatron_seed.train.trainer import lm_batch
 
-    t = state.cfg.train
+    t, run, optimizer = state.cfg.train, state.run, state.trainer.optimizer
     tokens_BS1 = torch.zeros(state.trainer.local_batch_size, t.seq_len + 1, dtype=torch.long, device=RUN_DEVICE)
-    state.trainer.train_step(lm_batch(tokens_BS1))
+    step = optimizer.step
+
+    def observed_step(*args, **kwargs):
+        fwd_bwd = state.sections["train/fwd_bwd"] = run.snapshot()
+        run.start_phase()
+        try:
+            return step(*args, **kwargs)
+        finally:
+            state.sections["train/opt_step"] = run.snapshot()
+            if fwd_bwd["total"] > run.peak_bytes:  # the phase's peak is the larger section's
+                run.peak, run.peak_bytes = {c: fwd_bwd[c] for c in CATEGORIES}, fwd_bwd["total"]
+
+    optimizer.step = observed_step  # an instance attribute over the class's method, for this step only
+    try:
+        state.trainer.train_step(lm_batch(tokens_BS1))
+    finally:
+        del optimizer.step
 
 
 def rollout_phase(state: DryRunState) -> None:
@@ -691,6 +719,7 @@ def dry_run(cfg: Config, world: int, rank: int, phases: tuple = ("train", "rollo
             run.start_phase()
             functions[phase](state)
             report.phases[phase] = {**run.peak, "total": run.peak_bytes}
+        report.sections = dict(state.sections)
         report.off_device = list(run.off_device)
         report.unknown_reads = run.unknown_reads
     return report

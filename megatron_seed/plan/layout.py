@@ -9,6 +9,7 @@ whenever tp > 1 (as Megatron-core requires with MoE).
 """
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from typing import Iterator
@@ -32,10 +33,11 @@ class PlanLayout:
     def world(self) -> int:
         return self.tp * self.cp * self.dp * self.pp
 
-    @property
+    @functools.cached_property
     def edp(self) -> int:
-        """Expert data-parallel size: a stage's tp * cp * dp ranks re-read as etp * ep * edp."""
-        return self.tp * self.cp * self.dp // (self.ep * self.etp)
+        """Expert data-parallel size: a stage's tp * cp * dp ranks re-read as etp * ep * edp, as a run
+        derives it (``Layout.from_config``, which refuses a layout ep * etp does not divide)."""
+        return Layout.from_config(self.parallel_config(), self.world).edp
 
     def parallel_config(self, zero1: bool = True) -> ParallelConfig:
         return ParallelConfig(

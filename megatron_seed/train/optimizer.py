@@ -234,6 +234,11 @@ class DistributedOptimizer:
         """Every tensor the optimizer keeps between steps: master weights, both moments, decay masks."""
         return [t for b in self.buckets for t in (b.master, b.exp_avg, b.exp_avg_sq, b.decay_mask)]
 
+    def reducing_gradients(self) -> list:
+        """The flat gradient chunks whose overlapped all-reduce started during backward and that
+        :meth:`step` has not consumed yet (``overlap_grad_reduce``; empty otherwise)."""
+        return [flat for overlap in self.overlaps if overlap is not None for flat, _ in overlap.pending]
+
     def state_bytes(self) -> int:
         """Bytes of optimizer state on this rank (master weights and both moments)."""
         return sum(t.numel() * t.element_size() for b in self.buckets for t in (b.master, b.exp_avg, b.exp_avg_sq))
