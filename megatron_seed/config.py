@@ -192,7 +192,7 @@ class RLConfig:
     adaptation_max_weight: float = 0.8
     adaptation_rate: float = 0.5
     adaptation_ema: float = 0.8  # smoothing of the per-domain signals (0 = latest step only)
-    eval_prompts: int = 0  # held-out prompts scored against their ground truth (0 = no evaluation)
+    eval_prompts: int = 64  # generated held-out prompts scored against their ground truth (0 = no evaluation)
     eval_samples: int = 4  # k of the held-out pass@k (0 = greedy only)
     eval_interval: int = 10  # PPO steps between held-out evaluations (always before PPO and at the end)
     log_samples_interval: int = 5  # PPO steps between printing a few sampled responses with their rewards; 0 = never

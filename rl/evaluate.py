@@ -90,14 +90,28 @@ class EvalReport:
     prompts: dict  # domain -> number of prompts
     examples: list = field(default_factory=list)  # (domain, prompt, greedy response, correct, reason), first per domain
 
+    def overall(self, per_domain: dict) -> float:
+        """The prompt-weighted mean of a per-domain fraction over every domain."""
+        total = sum(self.prompts.values())
+        return sum(per_domain[d] * n for d, n in self.prompts.items()) / max(total, 1)
+
     @property
     def overall_greedy_acc(self) -> float:
-        total = sum(self.prompts.values())
-        return sum(self.greedy_acc[d] * n for d, n in self.prompts.items()) / max(total, 1)
+        return self.overall(self.greedy_acc)
+
+    def table(self) -> dict:
+        """``{domain: {"greedy", "sampled", "pass@k"}}`` plus ``"all"`` (prompt-weighted); no sampled keys when k = 0."""
+        kinds = {"greedy": self.greedy_acc, **({"sampled": self.sampled_acc, f"pass@{self.k}": self.pass_at_k} if self.k else {})}
+        out = {d: {name: values[d] for name, values in kinds.items()} for d in sorted(self.prompts)}
+        out["all"] = {name: self.overall(values) for name, values in kinds.items()}
+        return out
 
     def metrics(self, prefix: str = "eval") -> dict:
-        """Flat floats for the metrics logger: ``eval/greedy_acc``, ``eval/<domain>/greedy_acc``, ... ."""
+        """Flat floats for the metrics logger: ``eval/greedy_acc``, ``eval/pass@k``, ``eval/<domain>/greedy_acc``, ... ."""
         out = {f"{prefix}/greedy_acc": self.overall_greedy_acc}
+        if self.k:
+            out[f"{prefix}/sampled_acc"] = self.overall(self.sampled_acc)
+            out[f"{prefix}/pass@{self.k}"] = self.overall(self.pass_at_k)
         for d in sorted(self.prompts):
             out[f"{prefix}/{d}/greedy_acc"] = self.greedy_acc[d]
             if self.k:

@@ -179,7 +179,7 @@ class RLTrainer:
                                               r.eval_samples, system)
         held_out_prompts = [rec.prompt for rec in held_out or ()]
         self.phases = [SFTPhase(cfg, self.actor, tokenizer, held_out_prompts), ValuePretrainPhase(r), PPOPhase(r)]
-        self.evals: dict = {}  # name -> per-domain greedy accuracy (and "all")
+        self.evals: dict = {}  # name -> {domain or "all": {"greedy", "sampled", "pass@k"}} (EvalReport.table)
         self.logging = self.actor.is_logging_rank
         self.progress = cfg.train.progress if progress is None else progress
         self.logger = MetricsLogger(os.path.join(self.save_dir, "metrics.jsonl"), enabled=self.logging,
@@ -298,7 +298,7 @@ class RLTrainer:
         if self.evaluator is None:
             return None
         report = self.evaluator.evaluate()
-        self.evals[name] = {**report.greedy_acc, "all": report.overall_greedy_acc}
+        self.evals[name] = report.table()
         metrics = report.metrics("eval")
         if phase is not None:
             self.log(phase, metrics, line=False)
@@ -330,14 +330,18 @@ class RLTrainer:
                   f"    -> {_short(texts[b], 160)!r}\n    reward {res.reward:.3f} ({res.reason})")
 
     def summary_table(self) -> str:
-        """Held-out greedy accuracy before PPO (after any SFT) and after PPO, per domain."""
+        """Held-out accuracy before PPO (after any SFT) and after PPO, per domain: greedy (and its gain in
+        points), then each sampled measure (sampled accuracy, pass@k) before -> after."""
         before, after = self.evals.get("before_ppo"), self.evals.get("after_ppo")
         if not before or not after:
             return "no held-out evaluation before and after PPO (rl.eval_prompts=0 or PPO not finished)"
-        rows = [f"{'domain':<20}{'before PPO':>12}{'after PPO':>12}{'gain':>9}"]
+        start = "after SFT" if self.cfg.sft.steps else "before PPO"
+        sampled = [k for k in before["all"] if k != "greedy"]
+        rows = [f"{'domain':<16}{start:>11}{'after PPO':>11}{'gain':>8}" + "".join(f"{k:>16}" for k in sampled)]
         for d in sorted(k for k in before if k != "all") + ["all"]:
-            b, a = before.get(d, float("nan")), after.get(d, float("nan"))
-            rows.append(f"{d:<20}{100 * b:>11.1f}%{100 * a:>11.1f}%{100 * (a - b):>+8.1f}")
+            b, a = before[d], after[d]
+            cells = "".join(f"{100 * b[k]:>8.1f} ->{100 * a[k]:>5.1f}" for k in sampled)
+            rows.append(f"{d:<16}{100 * b['greedy']:>10.1f}%{100 * a['greedy']:>10.1f}%{100 * (a['greedy'] - b['greedy']):>+8.1f}{cells}")
         return "\n".join(rows)
 
     # ------------------------------------------------------------------ checkpoints

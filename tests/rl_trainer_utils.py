@@ -12,9 +12,9 @@ TINY_RL = [
     "rollout.max_new_tokens=6", "rollout.samples_per_prompt=2", "rl.prompts_per_step=4", "rl.value_pretrain_steps=0",
     "rl.steps=1", "rl.ppo_epochs=2", "rl.mini_batches=2", "rl.actor_lr=1e-2", "rl.critic_lr=1e-2", "rl.log_samples_interval=0",
     "train.save_interval=0",
-    # the trainer tests' task mix and tokenizer, whatever the README job uses: no SFT, no held-out evaluation unless asked
+    # the trainer tests' task mix and tokenizer, whatever the README job uses: no SFT unless asked, a 4-prompt held-out evaluation
     "data.tokenizer=bundled", "model.vocab_size=2048", "data.task_families=[arithmetic,linear_equation,program]",
-    "data.task_difficulty=[1,2]", "sft.steps=0", "rl.eval_prompts=0",
+    "data.task_difficulty=[1,2]", "sft.steps=0", "rl.eval_prompts=4", "rl.eval_samples=2",
 ]
 
 
@@ -30,6 +30,13 @@ def math_records(n: int = 16, seed: int = 0) -> list:
 
     records = generate_prompts(n, seed=seed, families=("arithmetic",), difficulty=(1, 1))
     return [dataclasses.replace(r, domain=("add", "mul")[i % 2]) for i, r in enumerate(records)]
+
+
+class PayEverything:
+    """A gamed training reward: 1 for any response."""
+
+    def score_batch(self, samples) -> list:
+        return [RewardResult(1.0, True, "paid") for _ in samples]
 
 
 class ParityRouter:

@@ -16,14 +16,14 @@ from megatron_seed.parallel.spawn import run_distributed
 from megatron_seed.parallel.state import ParallelState
 from rl.rl_trainer import RLTrainer
 from tests.numerics import assert_close_rel
-from tests.rl_trainer_utils import ParityRouter, math_records, tiny_rl_config
+from tests.rl_trainer_utils import ParityRouter, PayEverything, math_records, tiny_rl_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def build(cfg, ps=None, router=None, records=None) -> RLTrainer:
+def build(cfg, ps=None, router=None, records=None, held_out=None) -> RLTrainer:
     ps = ps or ParallelState.single()
-    return RLTrainer(cfg, ps, load_tokenizer(cfg.data.tokenizer), records or math_records(), router or ParityRouter())
+    return RLTrainer(cfg, ps, load_tokenizer(cfg.data.tokenizer), records or math_records(), router or ParityRouter(), held_out)
 
 
 def read_jsonl(path) -> list:
@@ -123,6 +123,40 @@ def test_sft_comes_first_trains_the_actor_seeds_the_critic_and_resumes_mid_phase
             assert_close_rel(got[step][key], want[step][key], 1e-6, f"{key} at step {step}")
     for k, v in weights(resumed.actor.chunks).items():
         assert_close_rel(v, actor[k], 1e-6, k)
+
+
+# ----------------------------------------------------------------------------- held-out evaluation
+
+
+def test_held_out_evaluation_is_on_by_default():
+    from megatron_seed.config import load_config
+
+    assert load_config("rl-tiny", None, []).rl.eval_prompts >= 32
+
+
+@pytest.mark.timeout(300)
+def test_a_gamed_training_reward_does_not_raise_held_out_accuracy(tmp_path, capsys):
+    """Every response is paid 1, none answers its held-out task: the evaluation, before PPO, every
+    rl.eval_interval steps and at the end, scores 0 per domain, greedy and sampled."""
+    from data.tasks import generate_prompts
+
+    held_out = generate_prompts(4, seed=7, families=("arithmetic", "linear_equation"), difficulty=(1, 1))
+    cfg = tiny_rl_config(tmp_path, "rl.steps=2", "rl.eval_interval=1", "rl.eval_samples=2")
+    rl = build(cfg, router=PayEverything(), held_out=held_out)
+    assert not rl.fit()["stopped"]
+    records = read_jsonl(tmp_path / "metrics.jsonl")
+    assert [r["ppo/rollout/reward_mean"] for r in records if "ppo/rollout/reward_mean" in r] == [1.0, 1.0]
+    evals = [r for r in records if "ppo/eval/greedy_acc" in r]
+    assert [r["step"] for r in evals] == [0, 1, 2]  # before PPO, at step 1 (the interval), at the end
+    domains = sorted({r.domain for r in held_out})
+    for r in evals:
+        for key in ["greedy_acc", "sampled_acc", "pass@2"] + [f"{d}/{m}" for d in domains for m in ("greedy_acc", "sampled_acc", "pass@2")]:
+            assert r[f"ppo/eval/{key}"] == 0.0, key
+    assert list(rl.evals) == ["before_ppo", "ppo_step_1", "after_ppo"]
+    table = capsys.readouterr().out.split("plots: ")[-1]
+    for row in domains + ["all"]:  # the final table: greedy before / after / gain, sampled accuracy and pass@k
+        assert any(line.split()[:5] == [row, "0.0%", "0.0%", "+0.0", "0.0"] for line in table.splitlines()), (row, table)
+    assert "pass@2" in table
 
 
 # ----------------------------------------------------------------------------- logged values
