@@ -96,5 +96,8 @@ def test_ctrl_c_saves_and_stops_then_resume_finishes_the_run(tmp_path):
     # no interval checkpoints: the one to resume from was written at the stop
     done = subprocess.run(argv + ["--resume"], env=environment(), timeout=300, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
-    steps = [json.loads(line)["step"] for line in open(run / "metrics.jsonl") if '"phase": "ppo"' in line]
+    records = [json.loads(line) for line in open(run / "metrics.jsonl")]
+    steps = [r["step"] for r in records if r["phase"] == "ppo" and "ppo/rollout/reward_mean" in r]
     assert steps == list(range(1, STEPS + 1))  # resumed after the last step done: none repeated or lost
+    evals = [r["step"] for r in records if "ppo/eval/greedy_acc" in r]
+    assert evals == [0, STEPS]  # held-out evaluation before PPO and at the end, not repeated by the resume
