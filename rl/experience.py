@@ -19,11 +19,12 @@ cuts it into micro-batches as is.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence
 
 import torch
 
-from megatron_seed.parallel.mappings import all_reduce_no_grad
+from megatron_seed.parallel.mappings import reduce_scalars
 
 REQUIRED_KEYS = ("input_ids_BS", "labels_BS", "position_ids_BS", "padding_mask_BS", "mask_BS", "rewards_B", "correct_B", "truncated_B")
 
@@ -102,25 +103,30 @@ def from_sequences(
     return _row_facts(exp, rewards, correct, truncated)
 
 
-def drop_zero_variance_groups(exp: dict, samples_per_prompt: int, group=None) -> tuple:
+def drop_zero_variance_groups(exp: dict, samples_per_prompt: int, group=None, device: torch.device = torch.device("cpu")) -> tuple:
     """DAPO's dynamic-sampling filter: ``(exp', kept, total)`` with the groups (the ``n`` adjacent
-    rows sampled from one prompt) whose rewards are all equal taken out of training.
+    rows sampled from one prompt) whose trained rows' rewards are all equal taken out of training.
 
-    Such a group has zero advantage under a group baseline and, all right or all wrong,
-    teaches the policy nothing about which answer is better. Its rows keep their place
-    (every layout keeps its shapes and collectives) but their ``mask_BS`` is cleared, so
-    no loss, normaliser, whitening statistic or metric counts their tokens. ``kept`` and
-    ``total`` count groups over every rank of ``group`` (the data-parallel group): when
-    ``kept`` is 0 there is nothing left to train on this step.
+    Such a group teaches the policy nothing about which answer is better (all right or all
+    wrong; zero advantage under a group baseline). Its rows keep their place (every layout
+    keeps its shapes and collectives) but their ``trained_B`` is cleared, so no loss,
+    normaliser or whitening statistic counts them (:func:`rl.ppo.trained_mask`). Rows already
+    untrained (a failed score) do not count towards a group's variance. ``kept`` and ``total``
+    count groups over every rank of ``group`` (the data-parallel group; reduced on ``device``,
+    the rank's device): when ``kept`` is 0 there is nothing left to train on this step.
     """
     B = num_rows(exp)
     if samples_per_prompt < 1 or B % samples_per_prompt:
         raise ValueError(f"{B} rows are not whole groups of rollout.samples_per_prompt={samples_per_prompt}")
-    rewards_GN = exp["rewards_B"].view(-1, samples_per_prompt)
-    varied_G = (rewards_GN != rewards_GN[:, :1]).any(dim=1)
+    rewards_GN = exp["rewards_B"].float().view(-1, samples_per_prompt)
+    trained_B = exp["trained_B"].bool() if "trained_B" in exp else torch.ones(B, dtype=torch.bool)
+    trained_GN = trained_B.view(-1, samples_per_prompt)
+    highest_G = torch.where(trained_GN, rewards_GN, -math.inf).max(dim=1).values
+    lowest_G = torch.where(trained_GN, rewards_GN, math.inf).min(dim=1).values
+    varied_G = highest_G > lowest_G  # False for a group with fewer than two trained rows too
     out = dict(exp)
-    out["mask_BS"] = exp["mask_BS"] & varied_G.repeat_interleave(samples_per_prompt)[:, None]
-    kept, total = all_reduce_no_grad(torch.tensor([float(varied_G.sum()), float(varied_G.numel())], dtype=torch.float64), group).tolist()
+    out["trained_B"] = trained_B & varied_G.repeat_interleave(samples_per_prompt)
+    kept, total = reduce_scalars([varied_G.sum(), varied_G.numel()], group, device=device)
     return out, int(kept), int(total)
 
 

@@ -259,8 +259,9 @@ class PPOTrainer:
         optimizer steps (the first step's are in ``self.updates[0]``); rollout metrics
         (reward, response length, pass rate) are global-batch means.
         """
+        rollout = rollout_metrics(batch, self.ps)  # before prepare() masks untrained rows: every response counts
         batch, metrics = self.prepare(batch)
-        metrics.update(rollout_metrics(batch, self.ps))
+        metrics.update(rollout)
         if self.layout is None:
             minis = split_mini_batches(batch, self.cfg.mini_batches)
         else:

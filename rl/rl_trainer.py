@@ -16,9 +16,12 @@ and ``state_dict`` / ``load_state_dict``:
 One PPO step: draw ``rl.prompts_per_step`` prompts with the adaptive domain sampler
 (the same draw on every rank), take this dp rank's share (round robin,
 :func:`rl.rollout.engine.local_prompts`), sample ``rollout.samples_per_prompt`` responses
-each, score them with the reward router, run :meth:`rl.ppo.PPOTrainer.step` (actor and
-critic through the trainer's one step API), then fold the step's rewards (gathered over
-dp) into the domain weights.
+each, score them with the reward router; with ``rl.filter_zero_variance`` (DAPO dynamic
+sampling) the groups whose rewards are all equal leave the update
+(:func:`rl.experience.drop_zero_variance_groups`, counted over dp: ``rollout/groups_kept`` /
+``groups_dropped``) and a step with none left makes no update; run
+:meth:`rl.ppo.PPOTrainer.step` (actor and critic through the trainer's one step API), then
+fold the step's rewards (all of them, gathered over dp) into the domain weights.
 
 Checkpoints (every ``train.save_interval`` steps of a phase, at the end of each phase,
 and on Ctrl-C) hold actor and critic (weights, optimizers, step counters, torch RNG)
@@ -53,9 +56,9 @@ from megatron_seed.train import checkpoint
 from megatron_seed.train.metrics import MetricsLogger
 from megatron_seed.train.trainer import Trainer, progress_bar
 from rl.adaptation import DomainSampler, split_by_domain
-from rl.experience import from_rollout, render_prompts, score_rollout
+from rl.experience import drop_zero_variance_groups, from_rollout, render_prompts, score_rollout
 from rl.rewards.base import loss_mask, reason_counts
-from rl.ppo import PPOTrainer, init_critic_from_actor, rl_trainer_config
+from rl.ppo import PPOTrainer, init_critic_from_actor, rl_trainer_config, rollout_metrics
 from rl.rollout.engine import RolloutEngine, local_prompts
 from rl.sft_phase import SFTPhase
 from rl.value_pretrain import PlateauStopper, value_pretrain_step
@@ -259,9 +262,17 @@ class RLTrainer:
         t0 = time.perf_counter()
         batch, metrics, (mine, rewards, correct) = self.rollout(show_samples)
         t1 = time.perf_counter()
-        metrics.update(self.ppo.step(batch))
+        kept = None
+        if self.cfg.rl.filter_zero_variance:
+            batch, kept, total = drop_zero_variance_groups(batch, self.cfg.rollout.samples_per_prompt, self.ps.group("dp"), self.ps.device)
+            metrics["rollout/groups_kept"], metrics["rollout/groups_dropped"] = kept, total - kept
+        if kept == 0:  # nothing left to learn from: the weights, optimizers and their step counters stay as they are
+            metrics.update(rollout_metrics(batch, self.ps))
+            self._say(f"every one of the {total} groups has equal rewards (rl.filter_zero_variance): no update this step")
+        else:
+            metrics.update(self.ppo.step(batch))
+            self._sync_external_engine()  # the server generates the next step with the updated policy
         metrics["time/train_s"] = time.perf_counter() - t1
-        self._sync_external_engine()  # the server generates the next step with the updated policy
         by_reward, by_correct = self._gather_by_domain(mine, rewards, correct)
         metrics.update(self.sampler.update(by_reward, by_correct))
         for d, flags in by_correct.items():
@@ -318,6 +329,11 @@ class RLTrainer:
         else:
             write(f"{phase.name} {phase.step}: " + "  ".join(f"{k} {_num(v)}" for k, v in metrics.items()))
 
+    def _say(self, text: str) -> None:
+        """A console line from the logging rank (through the progress bar when there is one)."""
+        if self.logging:
+            (self._bar.write if self._bar is not None else print)(text)
+
     def _show_samples(self, records: list, rollout, results: list) -> None:
         from rl.experience import response_texts
 
@@ -370,8 +386,7 @@ class RLTrainer:
         """Collective: critic, then actor with the run state (the actor's ``latest`` marks a complete checkpoint)."""
         self.critic.save({"actor_step": self.actor.step})
         path = self.actor.save({"rl": self.state_dict()})
-        if self.logging:
-            (self._bar.write if self._bar is not None else print)(f"saved {path}")
+        self._say(f"saved {path}")
         return path
 
     def maybe_save(self, phase) -> None:
@@ -441,7 +456,7 @@ class RLTrainer:
 
 # ----------------------------------------------------------------------------- console and plots
 
-_LINE = (("loss", "loss"), ("reward", "rollout/reward_mean"), ("acc", "rollout/pass_rate"), ("len", "rollout/response_length"),
+_LINE = (("loss", "loss"), ("reward", "rollout/reward_mean"), ("acc", "rollout/pass_rate"), ("len", "rollout/response_length"), ("dropped", "rollout/groups_dropped"),
          ("kl_ref", "actor/kl_ref"), ("kl_old", "actor/approx_kl"), ("clip_lo", "actor/clip_frac_low"),
          ("clip_hi", "actor/clip_frac_high"), ("vloss", "critic/value_loss"), ("ev", "critic/explained_variance"),
          ("H", "actor/entropy"), ("value_loss", "value_loss"), ("ev", "explained_variance"))

@@ -64,8 +64,12 @@ def test_zero_variance_groups_leave_training_but_keep_their_rows():
     batch = from_sequences(prompts, [[3, 4, 5]] * 8, rewards)
     out, kept, total = drop_zero_variance_groups(batch, 2)
     assert (kept, total) == (1, 4)
-    assert out["mask_BS"].any(dim=1).tolist() == [False, False, True, True, False, False, False, False]
-    assert out["input_ids_BS"].shape == batch["input_ids_BS"].shape and batch["mask_BS"].any(dim=1).all()  # input untouched
+    assert out["trained_B"].tolist() == [False, False, True, True, False, False, False, False]
+    assert out["input_ids_BS"].shape == batch["input_ids_BS"].shape and "trained_B" not in batch  # input untouched
+    # a row whose score failed (untrained) does not make its group varied: the rest is constant
+    batch["trained_B"] = torch.tensor([True, True, True, False, True, True, True, True])
+    out, kept, _ = drop_zero_variance_groups(batch, 2)
+    assert kept == 0 and not out["trained_B"].any()
     with pytest.raises(ValueError, match="samples_per_prompt=3"):
         drop_zero_variance_groups(batch, 3)
 

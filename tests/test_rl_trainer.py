@@ -159,6 +159,62 @@ def test_a_gamed_training_reward_does_not_raise_held_out_accuracy(tmp_path, caps
     assert "pass@2" in table
 
 
+# ----------------------------------------------------------------------------- zero-variance filter
+
+
+def filtered_step(rank: int, world: int, save_dir: str) -> dict:
+    """One PPO step with rl.filter_zero_variance on sampled rollouts; what the filter saw and did on this rank."""
+    cfg = tiny_rl_config(save_dir, "rl.filter_zero_variance=true", *(["parallel.dp=2"] if world > 1 else []))
+    rl = build(cfg, ParallelState.build(cfg.parallel, world, rank) if world > 1 else None)
+    seen = []
+    ppo_step = rl.ppo.step
+    rl.ppo.step = lambda batch: seen.append(batch) or ppo_step(batch)
+    rl.start_ppo()
+    metrics = rl.step()
+    (batch,) = seen
+    rewards_GN = batch["rewards_B"].view(-1, cfg.rollout.samples_per_prompt)
+    varied_G = rewards_GN.max(dim=1).values > rewards_GN.min(dim=1).values
+    first_epoch = rl.ppo.updates[:cfg.rl.mini_batches]
+    return {"metrics": metrics, "varied": varied_G.tolist(), "trained": batch["trained_B"].tolist(),
+            "kept_tokens": int(batch["mask_BS"][batch["trained_B"]].sum()), "trained_tokens": sum(u["actor"]["tokens"] for u in first_epoch)}
+
+
+@pytest.mark.timeout(300)
+def test_zero_variance_filter_drops_exactly_the_constant_groups(tmp_path):
+    got = filtered_step(0, 1, str(tmp_path))
+    varied, n = got["varied"], 2
+    assert 0 < sum(varied) < len(varied), varied  # the seed gives both kinds of group
+    assert got["trained"] == [v for v in varied for _ in range(n)]
+    assert (got["metrics"]["rollout/groups_kept"], got["metrics"]["rollout/groups_dropped"]) == (sum(varied), len(varied) - sum(varied))
+    assert got["trained_tokens"] == got["kept_tokens"]  # the update's normaliser counts the kept groups' tokens only
+
+
+@pytest.mark.timeout(300)
+def test_zero_variance_filter_counts_groups_over_dp(tmp_path):
+    ranks = run_distributed(filtered_step, 2, str(tmp_path))
+    kept = sum(sum(r["varied"]) for r in ranks)  # each dp rank scored its own 2 of the 4 prompts
+    for r in ranks:
+        assert (r["metrics"]["rollout/groups_kept"], r["metrics"]["rollout/groups_dropped"]) == (kept, 4 - kept)
+        assert r["trained"] == [v for v in r["varied"] for _ in range(2)]
+    assert ranks[0]["trained_tokens"] == ranks[1]["trained_tokens"] == sum(r["kept_tokens"] for r in ranks)
+
+
+@pytest.mark.timeout(300)
+def test_a_step_whose_groups_are_all_constant_skips_the_update_and_says_so(tmp_path, capsys):
+    rl = build(tiny_rl_config(tmp_path, "rl.filter_zero_variance=true", "rl.steps=2"), router=PayEverything())
+    actor, critic = weights(rl.actor.chunks), weights(rl.critic.chunks)
+    assert not rl.fit()["stopped"]
+    assert capsys.readouterr().out.count("every one of the 4 groups has equal rewards (rl.filter_zero_variance): no update this step") == 2
+    ppo = [r for r in read_jsonl(tmp_path / "metrics.jsonl") if r["phase"] == "ppo"]
+    assert [r["step"] for r in ppo] == [1, 2]
+    for r in ppo:
+        assert (r["ppo/rollout/groups_kept"], r["ppo/rollout/groups_dropped"], r["ppo/rollout/reward_mean"]) == (0, 4, 1.0)
+        assert "ppo/actor/loss" not in r
+    assert rl.actor.step == rl.critic.step == 0
+    assert all(torch.equal(v, actor[k]) for k, v in weights(rl.actor.chunks).items())
+    assert all(torch.equal(v, critic[k]) for k, v in weights(rl.critic.chunks).items())
+
+
 # ----------------------------------------------------------------------------- logged values
 
 
