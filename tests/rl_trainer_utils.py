@@ -1,6 +1,7 @@
 """A tiny RL run for the RL trainer's tests: 2-layer MoE on the bundled tokenizer, generated math tasks."""
 from __future__ import annotations
 
+from data.tokenizer import SPECIAL_SYMBOLS, Tokenizer
 from megatron_seed.config import load_config
 from rl.rewards.base import RewardResult
 
@@ -44,3 +45,47 @@ class ParityRouter:
 
     def score_batch(self, samples) -> list:
         return [RewardResult(float(len(s.response) % 2 == 0), len(s.response) % 2 == 0, "parity") for s in samples]
+
+
+class SmallAlphabetTokenizer(Tokenizer):
+    """One id per character of a small alphabet (digits, lower-case letters, a few signs) after
+    ``<pad> <unk> <s> </s>`` and the chat specials; any other character is ``<unk>``. A vocabulary of
+    51, so a tiny policy samples each character often enough to learn from a toy reward."""
+
+    CONTROL = ("<pad>", "<unk>", "<s>", "</s>")
+    ALPHABET = "0123456789abcdefghijklmnopqrstuvwxyz +-*=?.,:\n"
+
+    def __init__(self) -> None:
+        self.name = "small-alphabet"
+        self.pieces = [*self.CONTROL, *SPECIAL_SYMBOLS, *self.ALPHABET]
+        self.ids = {p: i for i, p in enumerate(self.pieces)}
+        self.vocab_size = len(self.pieces)
+        self.pad_id, self.unk_id, self.bos_id, self.eos_id = range(len(self.CONTROL))
+        self.end_of_turn_id = self.ids[SPECIAL_SYMBOLS[-1]]
+        self.fingerprint = self.name
+
+    def encode(self, text: str) -> list:
+        ids, i = [], 0
+        while i < len(text):
+            special = next((s for s in SPECIAL_SYMBOLS if text.startswith(s, i)), None)
+            piece = special or text[i].lower()
+            ids.append(self.ids.get(piece, self.unk_id))
+            i += len(special) if special else 1
+        return ids
+
+    def decode(self, ids) -> str:
+        return "".join(self.pieces[i] if i >= len(self.CONTROL) else "" for i in map(int, ids))
+
+    def token_to_id(self, piece: str):
+        return self.ids.get(piece)
+
+
+class DigitShareRouter:
+    """A toy reward with a gradient everywhere: the share of digits among the response's characters."""
+
+    def score_batch(self, samples) -> list:
+        out = []
+        for s in samples:
+            share = sum(c.isdigit() for c in s.response) / len(s.response) if s.response else 0.0
+            out.append(RewardResult(share, share > 0.5, "digit share"))
+        return out
