@@ -37,7 +37,7 @@ def run_arm(config: str, overrides: list, sft_checkpoint: str, save_dir: str) ->
                                                  "train.progress=false"])
     t0 = time.perf_counter()
     evals = RLTrainer.from_config(cfg).fit()["evals"]
-    return evals["before_ppo"]["all"], evals["after_ppo"]["all"], time.perf_counter() - t0
+    return evals["before_ppo"]["all"]["greedy"], evals["after_ppo"]["all"]["greedy"], time.perf_counter() - t0
 
 
 def main() -> None:
