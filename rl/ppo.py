@@ -278,9 +278,11 @@ class PPOTrainer:
 
 def rollout_metrics(batch: dict, ps: ParallelState) -> dict:
     """Global-batch means of reward, pass rate, response length and the truncated fraction."""
-    lengths = batch["mask_BS"].sum(dim=1).double()
+    # the batch may still be on the host (prepare() moves it); the sums are computed on the rank's device
+    mask_BS, rewards_B, correct_B, truncated_B = (batch[k].to(ps.device) for k in ("mask_BS", "rewards_B", "correct_B", "truncated_B"))
+    lengths = mask_BS.sum(dim=1).double()
     n, reward, correct, length, truncated = reduce_scalars(
-        [lengths.numel(), batch["rewards_B"].sum(), batch["correct_B"].sum(), lengths.sum(), batch["truncated_B"].sum()],
+        [lengths.numel(), rewards_B.sum(), correct_B.sum(), lengths.sum(), truncated_B.sum()],
         ps.group("dp"), device=ps.device)
     n = max(n, 1.0)
     return {"rollout/reward_mean": reward / n, "rollout/pass_rate": correct / n, "rollout/response_length": length / n,
