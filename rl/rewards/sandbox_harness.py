@@ -34,8 +34,8 @@ harness's, never the program's), stdin/stdout/stderr on private pipes, every oth
 descriptor closed. The harness is non-dumpable (children cannot ptrace it or read its
 memory) and kills the child's process group when the case ends. The wall clock of a
 case only runs out while the program could not be running anyway: at the deadline a
-program that is runnable and below its CPU limit (a busy machine starving it) gets more
-time, up to ``WALL_EXTENSIONS`` times ``wall_s``. Only the standard library is used.
+program below its CPU limit that is runnable or has run since the last deadline (a busy
+machine starving it) gets more time, up to ``WALL_EXTENSIONS`` times ``wall_s``. Only the standard library is used.
 """
 import ast
 import builtins
@@ -276,14 +276,17 @@ def _run_child(target, args, stdin_text, cpu_s, wall_s, cap):
     else:
         os.close(stdin_w)
     start = time.monotonic()
-    deadline, extensions = start + wall_s, 0
+    deadline, extensions, cpu_seen = start + wall_s, 0, 0.0
     while len(sel.get_map()) > 0:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             facts = _cpu_seconds(pid)
-            if facts and facts[0] == "R" and facts[1] < cpu_s and extensions < WALL_EXTENSIONS:
-                extensions += 1  # runnable but starved by a busy machine: its CPU limit decides, not the clock
-                deadline += wall_s
+            # Runnable now, or it ran since the last look (a starved program is caught between time slices
+            # in page faults and pipe writes too): a busy machine is slowing it, so its CPU limit decides.
+            working = facts is not None and (facts[0] == "R" or facts[1] > cpu_seen)
+            if working and facts[1] < cpu_s and extensions < WALL_EXTENSIONS:
+                extensions += 1
+                deadline, cpu_seen = deadline + wall_s, facts[1]
                 continue
             status, detail = "timeout", "wall clock limit exceeded"
             break
