@@ -266,9 +266,13 @@ class RLTrainer:
         if self.cfg.rl.filter_zero_variance:
             batch, kept, total = drop_zero_variance_groups(batch, self.cfg.rollout.samples_per_prompt, self.ps.group("dp"), self.ps.device)
             metrics["rollout/groups_kept"], metrics["rollout/groups_dropped"] = kept, total - kept
-        if kept == 0:  # nothing left to learn from: the weights, optimizers and their step counters stay as they are
+        # rows left to learn from, over dp: the filter's kept groups, less the rows whose scoring failed (masked)
+        trained = kept if kept == 0 else reduce_scalars([batch["trained_B"].sum()], self.ps.group("dp"), device=self.ps.device)[0]
+        if trained == 0:  # the weights, optimizers and their step counters stay as they are
             metrics.update(rollout_metrics(batch, self.ps))
-            self._say(f"every one of the {total} groups has equal rewards (rl.filter_zero_variance): no update this step")
+            why = (f"every one of the {total} groups has equal rewards (rl.filter_zero_variance)" if kept == 0
+                   else "every sample's scoring failed (masked; see the ppo/reward/* counts)")
+            self._say(f"{why}: no update this step")
         else:
             metrics.update(self.ppo.step(batch))
             self._sync_external_engine()  # the server generates the next step with the updated policy

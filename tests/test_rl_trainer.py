@@ -320,3 +320,28 @@ def test_a_scorer_that_raises_on_one_sample_does_not_stop_the_run(tmp_path):
     assert [r["step"] for r in ppo] == [1, 2]
     for r in ppo:  # each step had one failing sample: scored 0, left out of the loss, counted
         assert r["ppo/reward/scoring_error"] == 1 and r["ppo/reward/masked"] == 1
+
+
+class CrashOnEvery(CrashOnSecond):
+    """The reward router with a scorer that raises on every sample (a broken judge, a dead sandbox)."""
+
+    def __init__(self):
+        from rl.rewards.router import RewardRouter, RouterConfig
+
+        class Broken:
+            def score_batch(self, samples):
+                raise RuntimeError("scorer down")
+
+        self.router = RewardRouter({"math": Broken()}, RouterConfig(workers=1, progress=False))
+
+
+@pytest.mark.timeout(300)
+def test_a_step_whose_every_score_failed_makes_no_update_and_the_run_goes_on(tmp_path, capsys):
+    cfg = tiny_rl_config(tmp_path, "rl.steps=2", "rl.value_pretrain_steps=1", "rl.eval_prompts=0")
+    trainer = build(cfg, router=CrashOnEvery())
+    before = [p.detach().clone() for p in trainer.actor.chunks[0].parameters()]
+    assert not trainer.fit()["stopped"]
+    assert all(torch.equal(a, p) for a, p in zip(before, trainer.actor.chunks[0].parameters()))
+    ppo = [r for r in read_jsonl(tmp_path / "metrics.jsonl") if r["phase"] == "ppo" and "ppo/reward/masked" in r]
+    assert [r["step"] for r in ppo] == [1, 2] and all(r["ppo/reward/masked"] == r["ppo/reward/scoring_error"] > 0 for r in ppo)
+    assert "every sample's scoring failed" in capsys.readouterr().out
