@@ -60,5 +60,9 @@ def test_sandbox_cases_on_a_saturated_machine_have_no_false_negative(saturated):
     assert all(r.correct for r in results), [r.reason for r in results]
     sleeper = reward.score(ScoringSample(response="import time\ntime.sleep(30)", tests=tests[:1], domain="code"))
     assert not sleeper.correct and sleeper.category == "timeout"  # not runnable: the wall clock still applies
-    spinner = reward.score(ScoringSample(response="while True:\n    pass", tests=tests[:1], domain="code"))
+    # One CPU second fits the wall cap (wall_s x (1 + WALL_EXTENSIONS)) at a twentieth of a core, so the CPU
+    # limit decides even when the hogs share the cores with another test worker (CI saw 2 CPU-s not fit 11 s).
+    spin_limits = SandboxLimits(cpu_s=1, wall_s=2.0, memory_mb=256)
+    spin_reward = CodeReward(CodeRewardConfig(mode="all", workers=1, limits=spin_limits))
+    spinner = spin_reward.score(ScoringSample(response="while True:\n    pass", tests=tests[:1], domain="code"))
     assert not spinner.correct and spinner.category == "timeout" and "CPU time limit" in spinner.reason
