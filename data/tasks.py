@@ -404,15 +404,21 @@ def generate_prompts(
     return records
 
 
+def system_prompt(configured: Optional[str]) -> Optional[str]:
+    """The system turn for ``data.system_prompt``: :data:`SYSTEM_PROMPT` when None, no turn (None) when empty."""
+    if configured is None:
+        return SYSTEM_PROMPT
+    return configured or None
+
+
 def generate_sft(
-    num: int, seed: int = 0, families: Optional[Sequence[str]] = None, difficulty: Sequence[int] = (1, 3)
+    num: int, seed: int = 0, families: Optional[Sequence[str]] = None, difficulty: Sequence[int] = (1, 3),
+    system: Optional[str] = SYSTEM_PROMPT,
 ) -> list:
-    """``num`` conversations ``[{"role", "content"}, ...]`` (system, user, assistant = worked solution)."""
+    """``num`` conversations ``[{"role", "content"}, ...]``: the ``system`` turn (none when None), the user's
+    prompt, the assistant's worked solution."""
+    head = [{"role": "system", "content": system}] if system else []
     return [
-        [
-            {"role": "system", "content": SYSTEM_PROMPT},
-            {"role": "user", "content": p.prompt},
-            {"role": "assistant", "content": p.solution},
-        ]
+        head + [{"role": "user", "content": p.prompt}, {"role": "assistant", "content": p.solution}]
         for p in _problems(num, seed, families, difficulty)
     ]

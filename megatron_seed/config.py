@@ -139,6 +139,9 @@ class DataConfig:
     # generated verifiable tasks (data/tasks.py) for RL prompts, SFT worked solutions and held-out evaluation
     task_families: list = field(default_factory=lambda: ["arithmetic", "linear_equation", "program"])
     task_difficulty: list = field(default_factory=lambda: [1, 2])  # [lowest, highest], each in 1..5
+    # the system turn of generated tasks (RL prompts, SFT worked solutions, held-out evaluation): None = data.tasks.SYSTEM_PROMPT,
+    # "" = no system turn (a byte-level model spends most of each row on it)
+    system_prompt: Optional[str] = None
     num_workers: int = 2
 
 

@@ -196,7 +196,7 @@ class RLTrainer:
         """Everything from ``cfg``: groups (torchrun / SLURM or one process), tokenizer, prompts (a JSONL
         file, else generated verifiable tasks), the reward router, the rollout engine and the evaluator."""
         from data.prompts import load_prompts
-        from data.tasks import SYSTEM_PROMPT, generate_prompts
+        from data.tasks import generate_prompts, system_prompt
         from megatron_seed.train.run_setup import load_run_tokenizer, start_run
         from rl.rewards.factory import admit_prompts, build_reward_router
 
@@ -224,7 +224,7 @@ class RLTrainer:
                 cfg.rollout, cfg.model, ChatTemplate(tokenizer).stop_ids, tokenizer.pad_id), ps)
         router = build_reward_router(cfg)
         admit_prompts(records, router)  # prompts the router cannot score are refused before any training
-        return cls(cfg, ps, tokenizer, records, router, system=SYSTEM_PROMPT, **kwargs)
+        return cls(cfg, ps, tokenizer, records, router, system=system_prompt(cfg.data.system_prompt), **kwargs)
 
     def start_ppo(self) -> None:
         """Freeze the reference policy of the KL term: the policy PPO starts from (after any SFT)."""

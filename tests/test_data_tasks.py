@@ -130,3 +130,19 @@ def test_a_domain_without_a_scorer_is_refused_at_load_with_the_fix(router):
     with pytest.raises(ConfigError, match=r"'llm'.*rewards.llm_judge"):
         admit_prompts([PromptRecord("s-1", "stem", "Why?", reference_answer="because")], router)
     admit_prompts(generate_prompts(40, seed=1, families=list(GENERATORS)), router)
+
+
+def test_data_system_prompt_sets_or_drops_the_system_turn_of_sft_rl_and_evaluation(tmp_path):
+    from data.tasks import SYSTEM_PROMPT
+    from megatron_seed.train.sft import sft_conversations
+    from rl.rl_trainer import RLTrainer
+    from tests.rl_trainer_utils import tiny_rl_config
+
+    default = tiny_rl_config(tmp_path / "default", "sft.examples=2")
+    assert sft_conversations(default)[0][0] == {"role": "system", "content": SYSTEM_PROMPT}
+    custom = tiny_rl_config(tmp_path / "custom", "sft.examples=2", "data.system_prompt=Be brief.")
+    assert sft_conversations(custom)[0][0] == {"role": "system", "content": "Be brief."}
+    none = tiny_rl_config(tmp_path / "none", "sft.examples=2", "data.system_prompt=''")
+    assert [m["role"] for m in sft_conversations(none)[0]] == ["user", "assistant"]
+    trainer = RLTrainer.from_config(none, num_tasks=4)
+    assert trainer.system is None and trainer.evaluator.system is None  # RL prompts and held-out prompts alike

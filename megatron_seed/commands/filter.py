@@ -31,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
     import os
 
     from data.filters import FilterConfig
-    from data.tasks import SYSTEM_PROMPT
+    from data.tasks import system_prompt
     from data.prompts import load_prompts
     from megatron_seed.config import ConfigError, load_config
     from megatron_seed.model.build import build_model_chunks
@@ -58,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
     router = build_reward_router(cfg, judge=engine.generate_text if cfg.rewards.llm_judge == "policy" else None)
     admit_prompts(load_prompts(args.input)[0], router)
     n = args.samples or cfg.rollout.samples_per_prompt
-    report, loaded = filter_prompt_file(args.input, args.output, engine_policy(engine, tokenizer, SYSTEM_PROMPT), router, n,
+    report, loaded = filter_prompt_file(args.input, args.output, engine_policy(engine, tokenizer, system_prompt(cfg.data.system_prompt)), router, n,
                                         filter_cfg, args.batch_prompts, args.report)
     print(report.format())
     if loaded.num_bad:
