@@ -157,6 +157,11 @@ class RolloutConfig:
     # other layouts decode eagerly). Off by default: the first rollout pays the compilation (10-30 s a graph on a 2-core CPU, which
     # needs a C++ compiler), which only long RL runs earn back. See rl/rollout/engine.py.
     compile: bool = False
+    # native engine: the precision it samples at. fp32 | bf16; another dtype than the training parameters' makes the engine hold a
+    # copy of the weights at it (refreshed once per generate call) and the PPO step recompute the behaviour log-probs with the
+    # training forward (the rollout's are kept for rl.tis_cap). bf16 halves the bytes of weights and KV cache each decode step
+    # reads, but is only faster where the CPU has bf16 arithmetic (AVX512-BF16 / AMX) or on a GPU; see rl/rollout/precision.py
+    dtype: str = "fp32"
     engine: str = "native"  # native | external (vLLM / SGLang adapter)
     external_url: Optional[str] = None  # engine=external: base URL of the completions server, e.g. http://host:8000
     external_model: str = "default"  # engine=external: the model name the server serves
@@ -174,6 +179,10 @@ class RLConfig:
     eps_low: float = 0.2
     eps_high: float = 0.28
     dual_clip: Optional[float] = None  # e.g. 3.0; None = off
+    # truncated importance sampling (e.g. 2.0; None = off): the policy loss of each token times
+    # min(pi_train_old / pi_rollout, tis_cap) when the behaviour log-probs come from another engine or precision
+    # (external engine, rollout.dtype other than the training dtype); inactive (weights 1) when they agree exactly
+    tis_cap: Optional[float] = None
     loss_agg: str = "token"  # token | sequence
     value_clip: Optional[float] = 0.2
     lm_loss_coef: float = 0.1  # mu: positive-example NLL weight
@@ -545,6 +554,9 @@ def validate_config(cfg: Config) -> None:
     _require(r.eps_high > 0, f"rl.eps_high={r.eps_high}: must be > 0")
     if r.dual_clip is not None:
         _require(r.dual_clip > 1, f"rl.dual_clip={r.dual_clip}: must be > 1 (it bounds the loss at dual_clip * |A|)")
+    if r.tis_cap is not None:
+        _require(r.tis_cap > 1, f"rl.tis_cap={r.tis_cap}: must be > 1 (it caps the weight pi_train_old / pi_rollout; 1 would cut "
+                 "every token the rollout over-sampled); fix: e.g. rl.tis_cap=2.0, or null to turn truncated importance sampling off")
     _one_of("rl.loss_agg", r.loss_agg, ("token", "sequence"))
     _one_of("rl.adaptation_rule", r.adaptation_rule, ("learnability", "reward", "uniform"))
     _require(0 <= r.adaptation_rate <= 1, f"rl.adaptation_rate={r.adaptation_rate}: must be in [0, 1]")
@@ -581,6 +593,10 @@ def validate_config(cfg: Config) -> None:
     _positive("rollout.samples_per_prompt", ro.samples_per_prompt)
     _one_of("rollout.engine", ro.engine, ("native", "external"))
     _require(isinstance(ro.compile, bool), f"rollout.compile={ro.compile!r}: must be true or false")
+    _one_of("rollout.dtype", ro.dtype, ("fp32", "bf16"))
+    _require(ro.engine == "native" or ro.dtype == "fp32",
+             f"rollout.dtype={ro.dtype!r} with rollout.engine={ro.engine!r}: the dtype is the native engine's; an external server "
+             "runs at the precision it was started with; fix: rollout.dtype=fp32, or rollout.engine=native")
     if ro.engine == "external":
         _require(bool(ro.external_url), "rollout.engine=external needs rollout.external_url (the vLLM / SGLang server, e.g. http://host:8000); "
                  "fix: set it, or use rollout.engine=native")

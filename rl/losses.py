@@ -145,6 +145,26 @@ def k3_kl(logprobs_BS: torch.Tensor, ref_logprobs_BS: torch.Tensor) -> torch.Ten
     return torch.exp(d) - d - 1.0
 
 
+def truncated_is_weights(old_logprobs_BS: torch.Tensor, rollout_logprobs_BS: torch.Tensor, mask_BS: torch.Tensor,
+                         cap: float) -> torch.Tensor:
+    """Truncated importance-sampling weights ``w = min(pi_old / pi_rollout, cap) = min(exp(log pi_old - log pi_rollout), cap)``
+    per token (detached; 1 outside ``mask_BS``).
+
+    ``pi_old`` is the training forward's behaviour policy (recomputed by the trainer), ``pi_rollout``
+    the distribution the engine actually sampled from (another engine, or a bf16 copy of the
+    weights): the PPO surrogate is an expectation under ``pi_old``, the tokens come from
+    ``pi_rollout``, and ``w`` corrects for that, truncated at ``cap`` so a token the rollout
+    under-sampled cannot take over the batch (Yao et al., "Your efficient RL framework secretly
+    brings you off-policy RL training"). Equal log-probs give weights of exactly 1.
+    """
+    _check(mask_BS, old_logprobs_BS=old_logprobs_BS, rollout_logprobs_BS=rollout_logprobs_BS)
+    if cap <= 1:
+        raise ConfigError(f"tis_cap={cap}: must be > 1 (rl.tis_cap)")
+    dtype = torch.promote_types(old_logprobs_BS.dtype, torch.float32)  # at least fp32: a bf16 exp would round w by ~0.4%
+    log_w_BS = _log_ratio(old_logprobs_BS.detach().to(dtype), rollout_logprobs_BS.detach().to(dtype))
+    return torch.where(mask_BS, torch.exp(log_w_BS).clamp(max=cap), 1.0)
+
+
 def policy_loss(
     logprobs_BS: torch.Tensor,
     old_logprobs_BS: torch.Tensor,
@@ -155,13 +175,19 @@ def policy_loss(
     eps_high: float = 0.28,
     dual_clip: Optional[float] = None,
     agg: str = "token",
+    rollout_logprobs_BS: Optional[torch.Tensor] = None,
+    tis_cap: Optional[float] = None,
 ) -> tuple[torch.Tensor, dict]:
-    """Clipped PPO surrogate with clip-higher and optional dual clip.
+    """Clipped PPO surrogate with clip-higher, optional dual clip and optional truncated importance sampling.
 
     ``r = exp(log pi - log pi_old)``, per token::
 
         l = max(-A * r, -A * clip(r, 1 - eps_low, 1 + eps_high))
         l = min(l, -A * dual_clip)            if A < 0 and dual_clip is set
+        l = w * l                             w = min(pi_old / pi_rollout, tis_cap)   (:func:`truncated_is_weights`)
+
+where truncated importance sampling applies only with both ``rollout_logprobs_BS`` (the
+log-probs the rollout engine sampled with) and ``tis_cap``.
 
     then aggregated with ``agg`` over ``norm.denominator(agg)``.
     ``eps_high > eps_low`` (clip-higher, DAPO) leaves room for low-probability tokens
@@ -171,7 +197,8 @@ def policy_loss(
     Metrics: ``clip_frac_high`` (A > 0 and r > 1 + eps_high: upper clip active),
     ``clip_frac_low`` (A < 0 and r < 1 - eps_low), ``dual_clip_frac`` (A < 0 and the
     dual bound active), ``approx_kl`` (k3 of ``KL(pi_old || pi)``: ``r - 1 - log r``),
-    ``ratio``, ``pg_loss`` (token mean).
+    ``ratio``, ``pg_loss`` (token mean); with truncated importance sampling, ``tis_weight``
+    (token mean of ``w``) and ``tis_capped_frac`` (tokens whose weight is the cap).
     """
     _check(mask_BS, logprobs_BS=logprobs_BS, old_logprobs_BS=old_logprobs_BS, advantages_BS=advantages_BS)
     if not (0 < eps_low < 1 and eps_high > 0):
@@ -192,6 +219,10 @@ def policy_loss(
         loss_BS = torch.where(adv < 0, torch.minimum(loss_BS, dual_bound), loss_BS)
     else:
         dual_active = torch.zeros_like(mask_BS)
+    tis_weights_BS = None
+    if tis_cap is not None and rollout_logprobs_BS is not None:
+        tis_weights_BS = truncated_is_weights(old_logprobs, rollout_logprobs_BS, mask_BS, tis_cap)
+        loss_BS = loss_BS * tis_weights_BS.to(loss_BS.dtype)
     loss = masked_aggregate(loss_BS, mask_BS, agg, norm.denominator(agg))
     with torch.no_grad():
         metrics = {
@@ -202,6 +233,9 @@ def policy_loss(
             "approx_kl": _token_share(ratio - 1.0 - log_ratio, mask_BS, norm),
             "ratio": _token_share(ratio, mask_BS, norm),
         }
+        if tis_weights_BS is not None:
+            metrics["tis_weight"] = _token_share(tis_weights_BS, mask_BS, norm)
+            metrics["tis_capped_frac"] = _token_share(tis_weights_BS == tis_cap, mask_BS, norm)
     return loss, metrics
 
 
@@ -233,6 +267,7 @@ def actor_loss(
     positive_BS: Optional[torch.Tensor] = None,
     ref_logprobs_BS: Optional[torch.Tensor] = None,
     entropy_BS: Optional[torch.Tensor] = None,
+    rollout_logprobs_BS: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, dict]:
     """The full actor objective of one micro-batch::
 
@@ -241,12 +276,14 @@ def actor_loss(
     with ``mu = cfg.lm_loss_coef`` and the clip settings and ``agg`` from ``cfg``.
     ``positive_BS`` (True on the tokens of sequences marked correct) is needed when ``mu > 0``, ``ref_logprobs_BS`` when ``kl_coef > 0``,
     ``entropy_BS`` (per-token entropies of pi, vocab-parallel on the model side) when
-    ``entropy_coef > 0``; entropies are also reported when given.
+    ``entropy_coef > 0``; entropies are also reported when given. ``rollout_logprobs_BS`` (the
+    rollout engine's own log-probs, when ``old_logprobs_BS`` were recomputed by the trainer)
+    turns on truncated importance sampling of ``L_ppo`` at ``cfg.tis_cap`` (when set).
     """
     agg = cfg.loss_agg
     denominator = norm.denominator(agg)
     loss, metrics = policy_loss(logprobs_BS, old_logprobs_BS, advantages_BS, mask_BS, norm,
-                                cfg.eps_low, cfg.eps_high, cfg.dual_clip, agg)
+                                cfg.eps_low, cfg.eps_high, cfg.dual_clip, agg, rollout_logprobs_BS, cfg.tis_cap)
     if cfg.lm_loss_coef > 0:
         if positive_BS is None:
             raise ValueError("rl.lm_loss_coef > 0 needs positive_BS (the tokens of the samples the reward marks correct); "

@@ -4,7 +4,8 @@ One :meth:`PPOTrainer.step` on a rollout batch in training layout (:mod:`rl.expe
 this rank's share of the global batch (:func:`rl.experience.dp_shard`):
 
 1. forward-only passes fill what the rollout did not bring: behaviour log-probs
-   ``old_logprobs_BS`` (from the actor, when absent or ``recompute_logprobs``),
+   ``old_logprobs_BS`` (from the actor, when absent or ``recompute_logprobs``; the engine's
+   own then stay as ``rollout_logprobs_BS``, which ``rl.tis_cap`` corrects for),
    ``old_values_BS`` (critic) and ``ref_logprobs_BS`` (reference policy, for the KL term);
 2. the terminal reward of each row goes on its last response token and
    :func:`rl.advantage.compute_advantages` gives decoupled, length-adaptive GAE
@@ -118,7 +119,8 @@ def actor_loss_fn(ps: ParallelState, cfg: RLConfig, norm: LossNormalizer, temper
         with torch.set_grad_enabled(torch.is_grad_enabled() and cfg.entropy_coef > 0):
             entropy_BS = vocab_parallel_entropy(logits_BSV, ps)
         return actor_loss(logprobs_BS, mb["old_logprobs_BS"], mb["advantages_BS"], mb["mask_BS"], norm, cfg,
-                          positive_BS=mb["positive_BS"], ref_logprobs_BS=mb.get("ref_logprobs_BS"), entropy_BS=entropy_BS)
+                          positive_BS=mb["positive_BS"], ref_logprobs_BS=mb.get("ref_logprobs_BS"), entropy_BS=entropy_BS,
+                          rollout_logprobs_BS=mb.get("rollout_logprobs_BS"))
 
     return loss_fn
 
@@ -157,7 +159,9 @@ class PPOTrainer:
     ``reference``: model chunks of the frozen reference policy (needed when
     ``rl.kl_coef > 0``). ``recompute_logprobs``: take the behaviour log-probs from the
     actor's own forward (same kernels as training, so the first ratio is exactly 1)
-    instead of those the rollout engine reported. ``bootstrap_truncated``: GAE bootstraps
+    instead of those the rollout engine reported (needed when the engine is another program or
+    samples at another precision; its log-probs are kept as ``rollout_logprobs_BS`` for truncated
+    importance sampling, ``rl.tis_cap``). ``bootstrap_truncated``: GAE bootstraps
     rows cut off by ``max_new_tokens`` from the critic's value of the whole cut response
     (one position past the last token, a column appended for it); off by default because
     outcome rewards (verifier, overlong penalty) score the cut response as final, so
@@ -215,6 +219,8 @@ class PPOTrainer:
         batch["positive_BS"] = positive_tokens(batch)
         filled = {}
         if self.recompute_logprobs or "old_logprobs_BS" not in batch:
+            if "old_logprobs_BS" in batch:  # the engine's own, for truncated importance sampling (rl.tis_cap)
+                batch["rollout_logprobs_BS"] = batch["old_logprobs_BS"]
             filled["old_logprobs_BS"] = self.policy_logprobs(batch, layout=self.layout)
         if self.reference is not None:
             filled["ref_logprobs_BS"] = self.policy_logprobs(batch, self.reference, self.layout)

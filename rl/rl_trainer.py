@@ -172,8 +172,10 @@ class RLTrainer:
         self.sampler = DomainSampler(split_by_domain(records), r, seed=cfg.train.seed)
         self.engine = engine if engine is not None else RolloutEngine(self.actor.chunks, ps, cfg.rollout, tokenizer=tokenizer,
                                                                       seed=cfg.train.seed)
-        self.ppo = PPOTrainer(self.actor, self.critic, r, reference=self.reference,
-                              recompute_logprobs=not isinstance(self.engine, RolloutEngine), temperature=cfg.rollout.temperature)
+        # behaviour log-probs from another program (external engine) or precision (rollout.dtype) are recomputed by the actor
+        exact = isinstance(self.engine, RolloutEngine) and self.engine.samples_with_trained_weights
+        self.ppo = PPOTrainer(self.actor, self.critic, r, reference=self.reference, recompute_logprobs=not exact,
+                              temperature=cfg.rollout.temperature)
         self.evaluator = None
         if held_out:
             from rl.evaluate import HeldOutEvaluator
@@ -189,6 +191,10 @@ class RLTrainer:
                                     tensorboard_dir=os.path.join(self.save_dir, "tensorboard"))
         self._bar = None
         self._stop = False
+        if r.tis_cap is not None and exact:
+            self._say(f"rl.tis_cap={r.tis_cap}: truncated importance sampling is inactive (weights all 1): the rollout samples "
+                      f"with the trained weights at their precision (rollout.dtype={cfg.rollout.dtype}), so its log-probs are "
+                      "the training forward's")
 
     # ------------------------------------------------------------------ building
     @classmethod

@@ -81,6 +81,7 @@ from megatron_seed.model.gpt import GPTModel
 from megatron_seed.parallel import context_parallel
 from megatron_seed.parallel.state import ParallelState
 from rl.rollout.outputs import FINISH_LENGTH, FINISH_STOP, RolloutBatch, assemble
+from rl.rollout.precision import ROLLOUT_DTYPES, SamplingWeights
 from rl.rollout.sampling import SamplingParams, row_generators, row_seed, sample
 
 ModelArg = Union[GPTModel, Sequence[GPTModel]]
@@ -208,12 +209,18 @@ class RolloutEngine:
         critic: Optional[ModelArg] = None,
         tokenizer=None,
     ):
-        self.policy, self.critic = _one_chunk(policy, "policy"), _one_chunk(critic, "critic")
+        policy, critic = _one_chunk(policy, "policy"), _one_chunk(critic, "critic")
         self.ps, self.cfg, self.tokenizer = ps, cfg or RolloutConfig(), tokenizer
-        if self.policy.post_process and self.policy.value_head is not None:
+        if policy.post_process and policy.value_head is not None:
             raise ConfigError("rollout: the policy model has a value head; pass it as critic= and give an LM as policy")
-        if self.critic is not None and self.critic.post_process and self.critic.value_head is None:
+        if critic is not None and critic.post_process and critic.value_head is None:
             raise ConfigError("rollout: the critic needs model.value_head=true")
+        if self.cfg.dtype not in ROLLOUT_DTYPES:
+            raise ConfigError(f"rollout.dtype={self.cfg.dtype!r}: must be one of {', '.join(ROLLOUT_DTYPES)}")
+        # the models generation runs: the trained chunks themselves, or their copies at rollout.dtype (rl/rollout/precision.py)
+        self.weights = [SamplingWeights(m, ROLLOUT_DTYPES[self.cfg.dtype]) for m in (policy, critic) if m is not None]
+        self.policy = self.weights[0].model
+        self.critic = self.weights[1].model if critic is not None else None
         if stop_ids is None and tokenizer is not None:
             from data.chat import ChatTemplate
 
@@ -226,9 +233,16 @@ class RolloutEngine:
         self.pad_id = int(pad_id if pad_id is not None else (tokenizer.pad_id if tokenizer is not None else self.stop_ids[0]))
         self.generator = torch.Generator().manual_seed(seed)
         self.lockstep = ps.ep_size * ps.etp_size > 1 and dist.is_initialized()
-        self.models = [m for m in (self.policy, self.critic) if m is not None]
+        self.models = [w.model for w in self.weights]
         self.micro_batches = ps.pp_size  # micro-batches in flight: one per stage keeps every stage busy
         self.decode_forward = self._decode_forward_fn()
+
+    @property
+    def samples_with_trained_weights(self) -> bool:
+        """True when generation runs the trained chunks themselves (``rollout.dtype`` is their dtype), so the
+        behaviour log-probs are the training forward's; False with a copy at another precision, whose
+        log-probs the PPO trainer recomputes (and corrects for with ``rl.tis_cap``)."""
+        return not any(w.is_copy for w in self.weights)
 
     def _decode_forward_fn(self):
         """``_decode_forward``, compiled when ``rollout.compile`` is on and the layout allows it."""
@@ -261,6 +275,8 @@ class RolloutEngine:
         base = int(torch.randint(0, 2**62, (1,), generator=self.generator))
         seeds = [row_seed(base, self.ps.dp_rank, r) for r in range(len(row_prompts))]
         results = _Results()
+        for weights in self.weights:  # the trained weights changed since the last call (a PPO step)
+            weights.refresh()
         with generation_mode(self.models, self.ps):
             queue = deque(self._plan_chunks(row_prompts, max_new))
             slots: list = [None] * self.micro_batches  # the chunk each micro-batch slot is generating
