@@ -58,6 +58,12 @@ run compiles two graphs per model, three once a single row is left. Layouts with
 collectives inside the step, or a CPU without a C++ compiler, decode eagerly (a warning
 says so).
 
+Precision (``rollout.dtype``): generation runs the trained chunks themselves when they have that
+dtype, else copies of them at it (:mod:`rl.rollout.precision`: built once, refreshed in place at
+the start of every ``generate`` call, KV caches in the copy's dtype); sampling is fp32 on the
+logits either way. ``samples_with_trained_weights`` tells the trainer whether the behaviour
+log-probs are the training forward's or must be recomputed.
+
 Critic values ride in the same structure: the critic has its own cache and runs the same
 forwards on the same inputs; its output at the last input position is the value of the
 state that the next sampled token is drawn from.
