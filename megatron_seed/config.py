@@ -199,6 +199,8 @@ class RLConfig:
     value_pretrain_min_delta: float = 1e-3  # smallest change that counts as an improvement
     overlong_penalty: float = 0.0
     filter_zero_variance: bool = False  # DAPO dynamic sampling: groups whose n rewards are all equal are left out of the update
+    # routing replay (R3): off | rollout (the actor's training forwards use the experts the rollout recorded for each token)
+    routing_replay: str = "off"
     adaptation_rule: str = "learnability"  # learnability | reward | uniform
     adaptation_min_weight: float = 0.05
     adaptation_max_weight: float = 0.8
@@ -558,6 +560,10 @@ def validate_config(cfg: Config) -> None:
         _require(r.tis_cap > 1, f"rl.tis_cap={r.tis_cap}: must be > 1 (it caps the weight pi_train_old / pi_rollout; 1 would cut "
                  "every token the rollout over-sampled); fix: e.g. rl.tis_cap=2.0, or null to turn truncated importance sampling off")
     _one_of("rl.loss_agg", r.loss_agg, ("token", "sequence"))
+    _one_of("rl.routing_replay", r.routing_replay, ("off", "rollout"))
+    _require(r.routing_replay == "off" or cfg.model.num_dense_layers < cfg.model.num_layers,
+             f"rl.routing_replay={r.routing_replay!r} on a dense model (model.num_dense_layers={cfg.model.num_dense_layers} = "
+             f"model.num_layers): there are no expert routes to replay; fix: rl.routing_replay=off or an MoE model")
     _one_of("rl.adaptation_rule", r.adaptation_rule, ("learnability", "reward", "uniform"))
     _require(0 <= r.adaptation_rate <= 1, f"rl.adaptation_rate={r.adaptation_rate}: must be in [0, 1]")
     _require(0 <= r.adaptation_ema < 1, f"rl.adaptation_ema={r.adaptation_ema}: must be in [0, 1)")

@@ -25,6 +25,17 @@ experts, ``A`` top-k slots.
   weights are those experts' scores.
 * Capacity (``capacity_factor``): each expert keeps at most ``ceil(cf * T * A / E)`` slots,
   the highest-weighted ones; dropped slots get expert id ``E``.
+* Routing replay (R3, ``recorded_TA`` with ``replay=True``): a token with a recorded route (the
+  experts the rollout chose for it, one-based ids, 0 = none recorded) uses exactly those experts;
+  its weights are recomputed from the current logits by the usual rule (the scores at the
+  replayed experts, renormalised when ``norm_topk_prob``), so the router gets the gradient of
+  the weights at fixed indices. Balancing uses the replayed routes consistently: the counts
+  ``count_e`` (aux loss ``f_e``, logged loads, the balancing bias's load) come from the replayed
+  indices, the probabilities ``P_e`` and the z-loss from the current logits. A token without a
+  recorded route (padding, a row's last token, which the rollout never fed back) keeps its own
+  choice; padding still counts nowhere (``valid_BS``). Capacity, when on, applies after replay.
+* Route comparison: with ``recorded_TA`` given, ``Routing.differs_T`` says for each token with a
+  recorded route whether the router's own top-k set differs from it (what replay corrects).
 
 Under sequence parallel (or cp) a micro-batch's tokens are spread over the tp (cp) ranks:
 counts are all-reduced over them and each rank contributes its share of ``P_e`` and of the
@@ -76,6 +87,8 @@ class Routing:
     tokens_per_expert_E: torch.Tensor  # local counts before capacity dropping (detached)
     aux_loss: torch.Tensor  # detached L_aux of the micro-batch (0 when off)
     z_loss: torch.Tensor  # detached L_z of the micro-batch (0 when off)
+    selected_TA: torch.Tensor  # the experts chosen (or replayed) before capacity dropping: what a rollout records
+    differs_T: Optional[torch.Tensor] = None  # with recorded routes: own top-k set != the recorded one (False: none recorded)
 
 
 def balanced_experts(T: int, A: int, E: int, ep: int, device: torch.device) -> torch.Tensor:
@@ -128,8 +141,13 @@ class Router(nn.Module):
         if self.balance_bias:
             self.register_buffer("expert_load", torch.zeros(cfg.num_experts, dtype=torch.float32), persistent=False)
 
-    def forward(self, x_BSH: torch.Tensor, aux_loss_scale: float = 1.0, valid_BS: Optional[torch.Tensor] = None) -> Routing:
-        """Route the local tokens; ``valid_BS`` (True = real token, local shard) keeps padding out of the statistics."""
+    def forward(self, x_BSH: torch.Tensor, aux_loss_scale: float = 1.0, valid_BS: Optional[torch.Tensor] = None,
+                recorded_TA: Optional[torch.Tensor] = None, replay: bool = False) -> Routing:
+        """Route the local tokens; ``valid_BS`` (True = real token, local shard) keeps padding out of the statistics.
+
+        ``recorded_TA``: routes recorded elsewhere for these tokens (one-based expert ids, 0 = none), compared
+        with the router's own choice (``Routing.differs_T``) and, with ``replay``, used instead of it.
+        """
         B, S, H = x_BSH.shape
         cfg = self.cfg
         logits_TE = F.linear(x_BSH.reshape(-1, H).to(self.dtype), self.weight.to(self.dtype))
@@ -143,6 +161,17 @@ class Router(nn.Module):
             weights_TA = scores_TE.gather(1, experts_TA)
             if cfg.norm_topk_prob:
                 weights_TA = weights_TA / weights_TA.sum(dim=-1, keepdim=True)
+        differs_T = None
+        if recorded_TA is not None:
+            recorded_TA = recorded_TA.long() - 1
+            has_route_T = (recorded_TA >= 0).all(dim=-1)
+            own_TA = experts_TA.sort(dim=-1).values
+            differs_T = has_route_T & (own_TA != recorded_TA.sort(dim=-1).values).any(dim=-1)
+            if replay:
+                experts_TA = torch.where(has_route_T.unsqueeze(1), recorded_TA, experts_TA)
+                weights_TA = scores_TE.gather(1, experts_TA)  # the router's weight rule at the replayed indices
+                if cfg.norm_topk_prob:
+                    weights_TA = weights_TA / weights_TA.sum(dim=-1, keepdim=True)
         valid_T = None if valid_BS is None else valid_BS.reshape(-1).to(torch.bool)
         tokens_per_expert_E = expert_counts(experts_TA, self.num_experts, valid_T)
         if self.balance_bias and self.training:
@@ -153,9 +182,10 @@ class Router(nn.Module):
             loss, aux_loss, z_loss = None, logits_TE.new_zeros(()), logits_TE.new_zeros(())
         if loss is not None and torch.is_grad_enabled():
             weights_TA = AuxLossAutoScaler.apply(weights_TA, loss, aux_loss_scale)
+        selected_TA = experts_TA
         if cfg.capacity_factor is not None:
             experts_TA = apply_capacity(weights_TA, experts_TA, self.num_experts, cfg.capacity_factor)
-        return Routing(weights_TA, experts_TA, tokens_per_expert_E, aux_loss, z_loss)
+        return Routing(weights_TA, experts_TA, tokens_per_expert_E, aux_loss, z_loss, selected_TA, differs_T)
 
     def _losses(self, logits_TE: torch.Tensor, scores_TE: torch.Tensor, experts_TA: torch.Tensor, B: int,
                 valid_T: Optional[torch.Tensor]) -> tuple:

@@ -14,6 +14,13 @@ at ``s``: advantages, returns, log-probs and values are all aligned on ``[B, S]`
 be trained exactly as they were sampled. Per-row keys: ``rewards_B`` (float),
 ``correct_B`` and ``truncated_B`` (bool).
 
+With a rollout engine that records routes, ``routes_BSLA`` ``[B, S, L, A]`` holds the experts
+each MoE layer chose for each input token in the rollout (one-based ids in int8, int16 past
+127 experts; 0 = no route: padding, and each row's last token, which was never fed back), on
+the rollout's device. It is a per-token key like the ``_BS`` ones
+(:func:`~megatron_seed.parallel.context_parallel.is_token_key`): column padding, packing, the
+dp exchange and the cp split carry it, and what they add is 0, so padding never gets a route.
+
 Every value is a tensor with the batch first, so the trainer's ``split_microbatches``
 cuts it into micro-batches as is.
 """
@@ -24,6 +31,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from megatron_seed.parallel.context_parallel import is_token_key
 from megatron_seed.parallel.mappings import reduce_scalars
 
 REQUIRED_KEYS = ("input_ids_BS", "labels_BS", "position_ids_BS", "padding_mask_BS", "mask_BS", "rewards_B", "correct_B", "truncated_B")
@@ -65,6 +73,8 @@ def from_rollout(rollout, rewards: Sequence[float], correct: Sequence[bool]) -> 
     if rollout.values_BS is not None:
         # the engine stores V(state before token s) at s; training keeps it with the action at s - 1
         exp["old_values_BS"] = rollout.values_BS[:, 1:].float()
+    if rollout.routes_BSLA is not None:  # routes of the input tokens, as they were fed to the policy
+        exp["routes_BSLA"] = rollout.routes_BSLA[:, :-1]
     return _row_facts(exp, rewards, correct, rollout.truncated_B.tolist())
 
 
@@ -150,6 +160,24 @@ def check_experience(exp: dict) -> None:
         raise ValueError(f"experience tensors disagree on the number of rows ({B}): {bad}")
 
 
+def check_routes(exp: dict, model) -> None:
+    """``routes_BSLA`` (when present) fits the batch and ``model`` (a ``ModelConfig``): ``[B, S, MoE layers, top_k]``,
+    one-based expert ids in ``[0, num_experts]``. Routes recorded for another model or batch are refused here,
+    before any forward could route tokens to experts that do not exist."""
+    if "routes_BSLA" not in exp:
+        return
+    routes = exp["routes_BSLA"]
+    B, S = exp["input_ids_BS"].shape
+    expected = (B, S, model.num_layers - model.num_dense_layers, model.moe.top_k)
+    if tuple(routes.shape) != expected:
+        raise ValueError(f"experience routes_BSLA has shape {tuple(routes.shape)}, expected {list(expected)} (rows, tokens, MoE layers of "
+                         "the model, model.moe.top_k): the routes were recorded for another model or batch")
+    low, high = int(routes.min()) if routes.numel() else 0, int(routes.max()) if routes.numel() else 0
+    if low < 0 or high > model.moe.num_experts:
+        raise ValueError(f"experience routes_BSLA holds expert ids {low - 1}..{high - 1} (one-based {low}..{high}); model.moe.num_experts="
+                         f"{model.moe.num_experts}: the routes were recorded for another model")
+
+
 def pad_columns(exp: dict, multiple: int) -> dict:
     """Right-pad every ``_BS`` tensor so ``S`` is a multiple of ``multiple`` (tensor-parallel MoE and
     sequence parallel split the sequence over tp). Padding is masked out and never trained on."""
@@ -159,9 +187,9 @@ def pad_columns(exp: dict, multiple: int) -> dict:
         return dict(exp)
     out = {}
     for key, value in exp.items():
-        if key.endswith("_BS"):
-            fill = value[:, -1:] + torch.arange(1, extra + 1) if key == "position_ids_BS" else torch.zeros(
-                (value.shape[0], extra), dtype=value.dtype)
+        if is_token_key(key):
+            fill = value[:, -1:] + torch.arange(1, extra + 1, device=value.device) if key == "position_ids_BS" else value.new_zeros(
+                (value.shape[0], extra) + value.shape[2:])
             value = torch.cat([value, fill.to(value.dtype)], dim=1)
         out[key] = value
     return out
@@ -179,15 +207,15 @@ def append_bootstrap_column(exp: dict) -> dict:
     out = {}
     last_real_B = exp["mask_BS"][:, -1]
     for key, value in exp.items():
-        if key.endswith("_BS"):
+        if is_token_key(key):
             if key == "input_ids_BS":
                 fill = exp["labels_BS"][:, -1:]
             elif key == "position_ids_BS":
                 fill = value[:, -1:] + 1
             elif key == "padding_mask_BS":
                 fill = last_real_B[:, None]
-            else:
-                fill = torch.zeros((value.shape[0], 1), dtype=value.dtype)
+            else:  # no label, loss or recorded route (0) there
+                fill = value.new_zeros((value.shape[0], 1) + value.shape[2:])
             value = torch.cat([value, fill.to(value.dtype)], dim=1)
         out[key] = value
     return out

@@ -48,6 +48,7 @@ import torch.distributed as dist
 
 from megatron_seed.config import ConfigError
 from megatron_seed.parallel import context_parallel
+from megatron_seed.parallel.context_parallel import is_token_key
 from megatron_seed.parallel.mappings import reduce_scalars
 from megatron_seed.parallel.state import ParallelState
 from megatron_seed.train.trainer import Trainer
@@ -154,8 +155,8 @@ def _gather_rows(batch: dict, ps: ParallelState) -> dict:
                          "on every rank (rl.experience.dp_shard)")
     out = {}
     for key, value in batch.items():
-        if key.endswith("_BS") and value.shape[1] < widest:
-            value = torch.cat([value, value.new_zeros((B, int(widest) - value.shape[1]))], dim=1)
+        if is_token_key(key) and value.shape[1] < widest:
+            value = torch.cat([value, value.new_zeros((B, int(widest) - value.shape[1]) + value.shape[2:])], dim=1)
         local = value.to(torch.uint8) if value.dtype == torch.bool else value.contiguous()  # gloo gathers no bools
         parts = [torch.empty_like(local) for _ in range(ps.dp_size)]
         dist.all_gather(parts, local, group=group)
@@ -245,8 +246,8 @@ def pack(batch: dict, micro_batches: Sequence, width: int) -> list:
     at = _positions(batch["padding_mask_BS"], micro_batches, width)
     packed = {}
     for key, value in batch.items():
-        if key.endswith("_BS"):
-            out = value.new_zeros((len(micro_batches), width))
+        if is_token_key(key):
+            out = value.new_zeros((len(micro_batches), width) + value.shape[2:])
             out[at.real_MT] = value[at.rows_MT[at.real_MT], at.cols_MT[at.real_MT]]
             packed[key] = out
     packed["doc_ids_BS"] = at.doc_ids_MT

@@ -7,10 +7,18 @@ this rank's share of the global batch (:func:`rl.experience.dp_shard`):
    ``old_logprobs_BS`` (from the actor, when absent or ``recompute_logprobs``; the engine's
    own then stay as ``rollout_logprobs_BS``, which ``rl.tis_cap`` corrects for),
    ``old_values_BS`` (critic) and ``ref_logprobs_BS`` (reference policy, for the KL term);
-2. the terminal reward of each row goes on its last response token and
+   the actor's first forward of the batch (which gives the recomputed log-probs; with the rollout's
+   log-probs kept, a forward-only pass for the measurement) is compared with the rollout's
+   log-probs and recorded routes (:mod:`rl.mismatch`, the ``mismatch/*`` metrics);
+2. routing replay (R3, ``rl.routing_replay=rollout``): every actor forward routes the tokens by
+   the experts the rollout recorded for them (``routes_BSLA``, carried through padding, packing,
+   micro-batches, pp stages, the tp / cp splits like any per-token key; :mod:`moe.router` says
+   how the weights and balancing losses follow); the critic and the reference policy route by
+   their own routers;
+3. the terminal reward of each row goes on its last response token and
    :func:`rl.advantage.compute_advantages` gives decoupled, length-adaptive GAE
    advantages (whitened over the global batch) and value targets;
-3. ``rl.ppo_epochs`` passes over ``rl.mini_batches`` mini-batches, each one optimizer
+4. ``rl.ppo_epochs`` passes over ``rl.mini_batches`` mini-batches, each one optimizer
    step of the actor (:func:`rl.losses.actor_loss`: clip-higher PPO + mu * positive-example
    NLL + optional KL / entropy terms) and one of the critic (clipped value loss).
 
@@ -40,8 +48,9 @@ from megatron_seed.parallel.state import ParallelState
 from megatron_seed.parallel.tensor_parallel import vocab_parallel_entropy, vocab_parallel_log_probs
 from megatron_seed.train.trainer import LossSpec, Trainer
 from rl.advantage import compute_advantages, place_terminal_reward, values_after_response
-from rl.experience import append_bootstrap_column, check_experience, pad_columns, split_mini_batches
+from rl.experience import append_bootstrap_column, check_experience, check_routes, pad_columns, split_mini_batches
 from rl.losses import LossNormalizer, actor_loss, explained_variance, normalizer_units, value_loss, value_metrics
+from rl.mismatch import logprob_mismatch, route_mismatch
 from rl.packing import PackedLayout, forward_rows, pack, plan_step
 from rl.rollout.sampling import tempered
 
@@ -86,6 +95,17 @@ def init_critic_from_actor(critic: Trainer, actor: Trainer) -> None:
                                      f"{tuple(source[name].shape)}; build both from the same model and parallel config")
                 tensor.copy_(source[name])
     critic.optimizer.sync_master_from_params()
+
+
+ROUTE_KEYS = ("routes_BSLA", "compare_routes_BS")
+
+
+def without_routes(batch):
+    """``batch`` (a dict, or a list of packed micro-batch dicts) without the rollout's recorded routes: for the
+    critic and the reference policy, which route by their own routers."""
+    if isinstance(batch, list):
+        return [without_routes(mb) for mb in batch]
+    return {k: v for k, v in batch.items() if k not in ROUTE_KEYS}
 
 
 def trained_mask(batch: dict) -> torch.Tensor:
@@ -194,6 +214,9 @@ class PPOTrainer:
         self.max_tokens = actor.cfg.train.max_tokens_per_micro_batch
         self.layout: Optional[PackedLayout] = None  # packed micro-batches of the batch last prepared (None: padded rows)
         self.updates: list = []  # per optimizer step: {"actor": metrics, "critic": metrics} of the last step() call
+        self.routing_replay = cfg.routing_replay == "rollout"
+        for chunk in actor.chunks:  # every actor forward routes the tokens the rollout recorded by its routes
+            chunk.set_routing_replay(self.routing_replay)
 
     # ------------------------------------------------------------------ forward-only passes
     def policy_logprobs(self, batch: dict, chunks: Optional[list] = None, layout: Optional[PackedLayout] = None) -> Optional[torch.Tensor]:
@@ -209,6 +232,10 @@ class PPOTrainer:
     def prepare(self, batch: dict) -> tuple:
         """Fill old log-probs / values / reference log-probs, then advantages and returns; ``(batch, metrics)``."""
         check_experience(batch)
+        check_routes(batch, self.actor.cfg.model)
+        if self.routing_replay and "routes_BSLA" not in batch:
+            raise ConfigError("rl.routing_replay=rollout: the rollout batch has no recorded routes (routes_BSLA); the in-process engine "
+                              "records them for an MoE policy, an external engine does not; fix: rl.routing_replay=off")
         if self.bootstrap_truncated:  # the critic's value after the last token needs one more position
             batch = append_bootstrap_column(batch)
         batch = pad_columns(batch, context_parallel.sequence_multiple(self.ps))
@@ -217,18 +244,28 @@ class PPOTrainer:
         if self.max_tokens is not None:  # this rank's rows change: the dp ranks' token counts balance
             batch, self.layout = plan_step(batch, self.ps, self.cfg.mini_batches, self.max_tokens)
         batch["positive_BS"] = positive_tokens(batch)
-        filled = {}
-        if self.recompute_logprobs or "old_logprobs_BS" not in batch:
-            if "old_logprobs_BS" in batch:  # the engine's own, for truncated importance sampling (rl.tis_cap)
+        filled, metrics = {}, {}
+        rollout_logprobs, routes = "old_logprobs_BS" in batch, "routes_BSLA" in batch
+        # training's first forward of the batch, at the rollout's weights: the behaviour log-probs when they are
+        # recomputed, and what the rollout's log-probs and routes are measured against (rl.mismatch)
+        for chunk in self.actor.chunks:
+            for layer in chunk.moe_layers():
+                layer.reset_route_counts()
+        first_logprobs = self.policy_logprobs(dict(batch, compare_routes_BS=batch["mask_BS"]) if routes else batch, layout=self.layout)
+        if routes:
+            metrics.update(route_mismatch(self.actor.chunks, self.ps))
+        if rollout_logprobs and self.ps.is_last_stage:
+            metrics.update(logprob_mismatch(first_logprobs, batch["old_logprobs_BS"], batch["mask_BS"], self.ps))
+        if self.recompute_logprobs or not rollout_logprobs:
+            if rollout_logprobs:  # the engine's own, for truncated importance sampling (rl.tis_cap)
                 batch["rollout_logprobs_BS"] = batch["old_logprobs_BS"]
-            filled["old_logprobs_BS"] = self.policy_logprobs(batch, layout=self.layout)
-        if self.reference is not None:
-            filled["ref_logprobs_BS"] = self.policy_logprobs(batch, self.reference, self.layout)
+            filled["old_logprobs_BS"] = first_logprobs
+        if self.reference is not None:  # its own routes: the recorded ones are the policy's
+            filled["ref_logprobs_BS"] = self.policy_logprobs(without_routes(batch), self.reference, self.layout)
         if "old_values_BS" not in batch or self.bootstrap_truncated:  # rollout values stop before the last token
-            filled["old_values_BS"] = self.critic_values(batch, self.layout)
+            filled["old_values_BS"] = self.critic_values(without_routes(batch), self.layout)
         # None on all but the last pipeline stage; a None entry would break the micro-batch split
         batch.update({key: value for key, value in filled.items() if value is not None})
-        metrics: dict = {}
         response_BS = batch["mask_BS"]
         batch["mask_BS"] = trained_mask(batch)
         if self.ps.is_last_stage:
@@ -252,11 +289,11 @@ class PPOTrainer:
         return batch, metrics
 
     # ------------------------------------------------------------------ updates
-    def actor_update(self, batch: dict) -> dict:
-        return self.actor.train_step(batch, actor_loss_spec(self.cfg, self.temperature))
+    def actor_update(self, batch) -> dict:
+        return self.actor.train_step(batch if self.routing_replay else without_routes(batch), actor_loss_spec(self.cfg, self.temperature))
 
-    def critic_update(self, batch: dict, clip: Optional[float]) -> dict:
-        return self.critic.train_step(batch, critic_loss_spec(clip, self.cfg.loss_agg))
+    def critic_update(self, batch, clip: Optional[float]) -> dict:
+        return self.critic.train_step(without_routes(batch), critic_loss_spec(clip, self.cfg.loss_agg))
 
     def step(self, batch: dict) -> dict:
         """One PPO step on this rank's rows of a rollout batch; returns metrics (floats).

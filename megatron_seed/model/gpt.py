@@ -41,12 +41,19 @@ class TransformerBlock(nn.Module):
         self.is_moe = layer_id >= cfg.num_dense_layers
         self.mlp = MoELayer(cfg, ps) if self.is_moe else SwiGLUMLP(cfg.hidden_size, cfg.dense_ffn_size, ps)
 
+        self.moe_index = layer_id - cfg.num_dense_layers  # this layer's column of recorded routes (``routes_BSLA``)
+
     def forward(self, x_BSH: torch.Tensor, cos_sin: tuple, mask: Optional[torch.Tensor], cache: Optional[KVCache],
-                valid_BS: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """``valid_BS`` (True = real token): MoE layers keep padding out of their balancing statistics."""
+                valid_BS: Optional[torch.Tensor] = None, routes_BSLA: Optional[torch.Tensor] = None,
+                compare_routes_BS: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``valid_BS`` (True = real token): MoE layers keep padding out of their balancing statistics;
+        ``routes_BSLA`` / ``compare_routes_BS``: recorded routes of every MoE layer (see :class:`GPTModel`)."""
         x_BSH = x_BSH + self.self_attn(self.input_layernorm(x_BSH), cos_sin, mask, cache)
         h_BSH = self.post_attention_layernorm(x_BSH)
-        return x_BSH + (self.mlp(h_BSH, valid_BS) if self.is_moe else self.mlp(h_BSH))
+        if not self.is_moe:
+            return x_BSH + self.mlp(h_BSH)
+        routes_BSA = routes_BSLA[:, :, self.moe_index] if routes_BSLA is not None else None
+        return x_BSH + self.mlp(h_BSH, valid_BS, routes_BSA, compare_routes_BS)
 
 
 class ValueHead(nn.Module):
@@ -101,6 +108,15 @@ class GPTModel(nn.Module):
     def moe_layers(self) -> list:
         return [m for m in self.modules() if isinstance(m, MoELayer)]
 
+    def moe_layer_ids(self) -> dict:
+        """``{column of routes_BSLA: MoE layer}`` of this stage's MoE layers."""
+        return {layer.moe_index: layer.mlp for layer in self.layers.values() if layer.is_moe}
+
+    def set_routing_replay(self, on: bool) -> None:
+        """Routing replay (R3): MoE layers route the tokens given recorded routes by those routes."""
+        for m in self.moe_layers():
+            m.replay_routes = on
+
     def set_aux_loss_scale(self, scale: float) -> None:
         """Scale of the MoE aux-loss gradients (1 / micro-batches per step)."""
         for m in self.moe_layers():
@@ -131,6 +147,8 @@ class GPTModel(nn.Module):
         padding_mask_BS: Optional[torch.Tensor] = None,
         kv_cache: Optional[KVCache] = None,
         advance_cache: bool = True,
+        routes_BSLA: Optional[torch.Tensor] = None,
+        compare_routes_BS: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """Logits ``[B, S, V/tp]`` (or values ``[B, S]``) on the last stage, else hidden states.
 
@@ -142,6 +160,11 @@ class GPTModel(nn.Module):
         or a prefill are this rank's share of the sequence
         (:func:`~megatron_seed.parallel.context_parallel.is_sharded_forward`); decode steps are
         replicated over cp.
+        ``routes_BSLA`` ``[B, S, L, A]`` (``L`` = every MoE layer of the model, ``A`` = top-k; this rank's share
+        of the sequence under cp, the whole sequence under sequence parallel): routes recorded by the
+        rollout, one-based expert ids (0 = none recorded); each MoE layer compares them with its own
+        choice and, under :meth:`set_routing_replay`, routes by them; ``compare_routes_BS`` (True =
+        counted) picks the tokens whose disagreement the layers count (``MoELayer.route_counts``).
         ``advance_cache=False`` leaves the cache's cursor for the
         caller to move (``kv_cache.advance(S)``): a compiled decode step must not update the
         cursor's Python int, or torch.compile would trace the step again for every value.
@@ -168,9 +191,13 @@ class GPTModel(nn.Module):
         cos_sin = rotary_cos_sin(position_ids_BS, self.cfg.head_dim, self.cfg.rope_theta)
         if kv_cache is not None:
             kv_cache.open_slots(cache_S, cache_padding_BS)
+        moe_layers = self.cfg.num_layers - self.cfg.num_dense_layers
+        if routes_BSLA is not None and (routes_BSLA.dim() != 4 or routes_BSLA.shape[2] != moe_layers):
+            raise ValueError(f"GPTModel: recorded routes of shape {tuple(routes_BSLA.shape)}; expected [B, S, {moe_layers}, top_k] "
+                             f"(one column per MoE layer of the model, {moe_layers} here): were they recorded with another model?")
         x_BSH = self.embed_tokens(input_ids_BS) if self.pre_process else hidden_BSH
         for layer in self.layers.values():
-            x_BSH = layer(x_BSH, cos_sin, mask, kv_cache, padding_mask_BS)
+            x_BSH = layer(x_BSH, cos_sin, mask, kv_cache, padding_mask_BS, routes_BSLA, compare_routes_BS)
         if kv_cache is not None and advance_cache:
             kv_cache.advance(cache_S)
         if not self.post_process:

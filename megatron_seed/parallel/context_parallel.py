@@ -109,12 +109,17 @@ def shard_sequence(x: torch.Tensor, ps: ParallelState, dim: int = 1) -> torch.Te
     return torch.cat([x.narrow(dim, c * L, L) for c in local_chunk_ids(ps)], dim=dim)
 
 
+def is_token_key(key: str) -> bool:
+    """A batch key holding one entry per token: its shape suffix starts with ``BS`` (``mask_BS``, ``routes_BSLA``)."""
+    return key.rpartition("_")[2].startswith("BS")
+
+
 def shard_microbatch(mb: dict, ps: ParallelState) -> dict:
-    """This rank's tokens of a micro-batch: every ``*_BS`` tensor cut along S (per-row ``*_B``
-    entries and the rest kept). Identity when cp = 1."""
+    """This rank's tokens of a micro-batch: every per-token tensor (:func:`is_token_key`) cut along S (per-row
+    ``*_B`` entries and the rest kept). Identity when cp = 1."""
     if not is_active(ps):
         return mb
-    return {k: shard_sequence(v, ps, 1) if k.endswith("_BS") else v for k, v in mb.items()}
+    return {k: shard_sequence(v, ps, 1) if is_token_key(k) else v for k, v in mb.items()}
 
 
 @torch.no_grad()

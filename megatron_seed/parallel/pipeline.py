@@ -48,7 +48,7 @@ SCHEDULES = ("1f1b", "interleaved", "gpipe")
 
 def model_inputs(mb: dict) -> dict:
     """The keyword arguments of ``GPTModel.forward`` present in a micro-batch."""
-    keys = ("position_ids_BS", "doc_ids_BS", "padding_mask_BS")
+    keys = ("position_ids_BS", "doc_ids_BS", "padding_mask_BS", "routes_BSLA", "compare_routes_BS")
     return {k: mb[k] for k in keys if k in mb}
 
 

@@ -14,7 +14,8 @@ copied. One ``generate`` call:
    or after ``max_new_tokens`` (``"length"``); finished rows leave the batch at once and
    the cache is compacted with ``KVCache.select``, so later steps only compute live rows;
 4. returns a :class:`~rl.rollout.outputs.RolloutBatch` with tokens, behaviour log-probs,
-   masks, finish reasons and (with a critic) values, rows in prompt order.
+   masks, finish reasons, (with a critic) values and (with an MoE policy) the routes every MoE
+   layer chose for every token it was fed (:mod:`rl.rollout.routes`), rows in prompt order.
 
 Parallel layouts (all dp ranks generate their own prompts, see :func:`local_prompts`):
 
@@ -88,6 +89,7 @@ from megatron_seed.parallel import context_parallel
 from megatron_seed.parallel.state import ParallelState
 from rl.rollout.outputs import FINISH_LENGTH, FINISH_STOP, RolloutBatch, assemble
 from rl.rollout.precision import ROLLOUT_DTYPES, SamplingWeights
+from rl.rollout.routes import RouteRecorder
 from rl.rollout.sampling import SamplingParams, row_generators, row_seed, sample
 
 ModelArg = Union[GPTModel, Sequence[GPTModel]]
@@ -112,13 +114,17 @@ def _one_chunk(model: Optional[ModelArg], what: str) -> Optional[GPTModel]:
 def generation_mode(models: Sequence[GPTModel], ps: ParallelState) -> Iterator[None]:
     """``torch.inference_mode`` (no autograd bookkeeping at all: ~10% less per-op overhead than
     ``no_grad`` at decode sizes), eval mode (routers neither count load for bias balancing nor
-    compute balancing losses), sequence parallel off, and q/k/v projected by one GEMM on
+    compute balancing losses), sequence parallel off, MoE layers keeping whole-sequence routes
+    (``MoELayer.gather_routes``), and q/k/v projected by one GEMM on
     weights concatenated for this generation (``GPTModel.fused_projections``)."""
     training = [m.training for m in models]
     sequence_parallel = ps.sequence_parallel
     ps.sequence_parallel = False
+    moe_layers = [layer for m in models for layer in m.moe_layers()]
     for m in models:
         m.eval()
+    for layer in moe_layers:  # the rollout records whole-sequence routes (rl.rollout.routes)
+        layer.gather_routes = True
     try:
         with torch.inference_mode(), contextlib.ExitStack() as stack:
             for m in models:
@@ -128,6 +134,8 @@ def generation_mode(models: Sequence[GPTModel], ps: ParallelState) -> Iterator[N
         ps.sequence_parallel = sequence_parallel
         for m, t in zip(models, training):
             m.train(t)
+        for layer in moe_layers:
+            layer.gather_routes = False
 
 
 def _decode_forward(model: GPTModel, ids_B1: torch.Tensor, pos_B1: torch.Tensor, cache: KVCache) -> torch.Tensor:
@@ -283,6 +291,7 @@ class RolloutEngine:
         results = _Results()
         for weights in self.weights:  # the trained weights changed since the last call (a PPO step)
             weights.refresh()
+        recorder = RouteRecorder(self.policy, self.ps, self.device)
         with generation_mode(self.models, self.ps):
             queue = deque(self._plan_chunks(row_prompts, max_new))
             slots: list = [None] * self.micro_batches  # the chunk each micro-batch slot is generating
@@ -295,9 +304,9 @@ class RolloutEngine:
                     if slots[i] is None and queue:
                         slots[i] = queue.popleft()
                         slots[i].generators = row_generators([seeds[r] for r in slots[i].rows], self.device) if not params.greedy else []
-                        outputs = self._prefill(slots[i], max_new)
+                        outputs = self._prefill(slots[i], max_new, recorder)
                     elif slots[i] is not None:
-                        outputs = self._decode(slots[i])
+                        outputs = self._decode(slots[i], recorder)
                     else:
                         if self.lockstep:
                             self._dummy_forward()
@@ -315,7 +324,7 @@ class RolloutEngine:
             for work in sends:
                 work.wait()
         rows = range(len(row_prompts))
-        return assemble(
+        batch = assemble(
             row_prompts,
             [results.tokens[r] for r in rows],
             [results.log_probs[r] for r in rows],
@@ -324,6 +333,9 @@ class RolloutEngine:
             [r // n for r in rows],
             self.pad_id,
         )
+        if recorder.active:
+            batch.routes_BSLA = recorder.assemble(len(row_prompts), batch.prompt_width, batch.tokens_BS.shape[1])
+        return batch
 
     def generate_text(self, prompts: Sequence[str], max_new_tokens: Optional[int] = None, sampling: Optional[SamplingParams] = None) -> list:
         """Replies to single-turn user messages, rendered with the chat template; greedy unless ``sampling`` says otherwise.
@@ -395,7 +407,7 @@ class RolloutEngine:
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 
-    def _prefill(self, chunk: _Chunk, max_new: int) -> tuple:
+    def _prefill(self, chunk: _Chunk, max_new: int, recorder: RouteRecorder) -> tuple:
         B, P = len(chunk.rows), chunk.width
         ids_BS = torch.full((B, P), self.pad_id, dtype=torch.long)
         mask_BS = torch.zeros(B, P, dtype=torch.bool)
@@ -411,24 +423,32 @@ class RolloutEngine:
             for cache in (chunk.cache, chunk.critic_cache):
                 if cache is not None:
                     _mark_dynamic_sizes(cache)
-        if context_parallel.is_active(self.ps):  # each cp rank prefills its share; all cache the whole prompt
+        sharded = context_parallel.is_active(self.ps)
+        if sharded:  # each cp rank prefills its share; all cache the whole prompt
             ids_BS, pos_BS = context_parallel.shard_sequence(ids_BS, self.ps), context_parallel.shard_sequence(pos_BS, self.ps)
             padding = context_parallel.shard_sequence(padding, self.ps) if padding is not None else None
-        return self._forward_all(ids_BS.to(self.device), pos_BS.to(self.device), padding, chunk)
+        outputs = self._forward_all(ids_BS.to(self.device), pos_BS.to(self.device), padding, chunk)
+        if recorder.active:
+            recorder.prefill(chunk.rows, chunk.prompts, sharded)
+        return outputs
 
-    def _decode(self, chunk: _Chunk) -> tuple:
+    def _decode(self, chunk: _Chunk, recorder: RouteRecorder) -> tuple:
         pos_BS = (chunk.prompt_lens_B + chunk.steps - 1).unsqueeze(1).to(self.device)
         ids_BS = chunk.next_ids_B.unsqueeze(1).to(self.device)
         if self.decode_forward is None:
-            return self._forward_all(ids_BS, pos_BS, None, chunk)
-        torch._dynamo.maybe_mark_dynamic(ids_BS, 0)
-        torch._dynamo.maybe_mark_dynamic(pos_BS, 0)
-        outputs = []
-        for model, cache in ((self.policy, chunk.cache), (self.critic, chunk.critic_cache)):
-            outputs.append(self.decode_forward(model, ids_BS, pos_BS, cache) if model is not None else None)
-            if cache is not None:
-                cache.advance(1)
-        return tuple(outputs)
+            outputs = self._forward_all(ids_BS, pos_BS, None, chunk)
+        else:
+            torch._dynamo.maybe_mark_dynamic(ids_BS, 0)
+            torch._dynamo.maybe_mark_dynamic(pos_BS, 0)
+            outputs = []
+            for model, cache in ((self.policy, chunk.cache), (self.critic, chunk.critic_cache)):
+                outputs.append(self.decode_forward(model, ids_BS, pos_BS, cache) if model is not None else None)
+                if cache is not None:
+                    cache.advance(1)
+            outputs = tuple(outputs)
+        if recorder.active:
+            recorder.decode(chunk.rows, chunk.steps)
+        return outputs
 
     def _dummy_forward(self) -> None:
         """A one-token forward without cache: keeps expert-parallel collectives matched."""

@@ -30,6 +30,10 @@ class RolloutBatch:
       position ``s - 1``, at response positions; 0 elsewhere. None without a critic.
     * ``prompt_index_B``: which input prompt each row continues (rows of one prompt are
       adjacent, ``n`` per prompt); ``finish_reasons[b]`` is ``"stop"`` or ``"length"``.
+    * ``routes_BSLA``: with an MoE policy on the in-process engine, the experts each of the
+      ``L`` MoE layers chose for the token at each column when it was fed to the policy
+      (``[B, S, L, top_k]``, one-based ids, int8 or int16 past 127 experts, on the rollout's
+      device); 0 where no token was fed: padding and each row's last response token.
     """
 
     tokens_BS: torch.Tensor
@@ -42,6 +46,7 @@ class RolloutBatch:
     response_lengths_B: torch.Tensor
     prompt_index_B: torch.Tensor
     finish_reasons: list = field(default_factory=list)
+    routes_BSLA: Optional[torch.Tensor] = None
 
     @property
     def prompt_width(self) -> int:
