@@ -66,7 +66,7 @@ def route_mismatch(chunks: list, ps: ParallelState) -> dict:
     layers = cfg.num_layers - cfg.num_dense_layers
     counts = [0.0] * (2 * layers)
     for chunk in chunks:
-        for column, layer in chunk.moe_layer_ids().items():
+        for column, layer in chunk.moe_layers_by_column().items():
             if layer.route_counts is not None:
                 counts[2 * column], counts[2 * column + 1] = layer.route_counts[0], layer.route_counts[1]
     counts = reduce_scalars(counts, ps.group("world"), device=ps.device)

@@ -30,8 +30,8 @@ GREEDY = SamplingParams(temperature=0.0)  # the same rollouts on every dp rank a
 REWARDS = [1.0, 0.0, 0.0, 1.0, 1.0, 0.0, 1.0, 0.0]
 
 
-def replay_config(parallel: dict, replay: str = "rollout", max_tokens=None):
-    cfg = tiny_config(tiny_model(), micro_batch_size=2, adam_eps=1e-4, max_tokens_per_micro_batch=max_tokens)
+def replay_config(parallel: dict, replay: str = "rollout", max_tokens=None, num_layers: int = 2):
+    cfg = tiny_config(tiny_model(num_layers=num_layers), micro_batch_size=2, adam_eps=1e-4, max_tokens_per_micro_batch=max_tokens)
     cfg.parallel = dataclasses.replace(ParallelConfig(), **parallel)
     cfg.rl = dataclasses.replace(RLConfig(), ppo_epochs=1, mini_batches=2, actor_lr=1e-2, critic_lr=1e-2, kl_coef=0.0,
                                  routing_replay=replay)
@@ -50,11 +50,13 @@ def perturb_routers(ppo: PPOTrainer) -> None:
                 weight += 0.5 * torch.randn(weight.shape, generator=g).to(weight.dtype)
 
 
-def rollout_and_batch(ppo: PPOTrainer, ps: ParallelState) -> tuple:
-    """Every rank generates all prompts greedily and takes its dp share; the token the first row emits third
-    is a stop token, so that row (and any other emitting it) stops early."""
+def rollout_and_batch(ppo: PPOTrainer, ps: ParallelState, sampler: PPOTrainer = None) -> tuple:
+    """Every rank generates all prompts greedily (with ``sampler``'s actor, default ``ppo``'s) and takes its dp
+    share; the token the first row emits third is a stop token, so that row (and any other emitting it) stops early."""
+    sampler = sampler or ppo
+
     def generate(stop_ids: list):
-        engine = RolloutEngine(ppo.actor.chunks, ps, RolloutConfig(), stop_ids=stop_ids, pad_id=0, seed=5)
+        engine = RolloutEngine(sampler.actor.chunks, sampler.ps, RolloutConfig(), stop_ids=stop_ids, pad_id=0, seed=5)
         return engine.generate(PROMPTS, n=2, sampling=GREEDY, max_new_tokens=MAX_NEW)
 
     rollout = generate([generate([]).responses()[0][2]])
@@ -62,11 +64,13 @@ def rollout_and_batch(ppo: PPOTrainer, ps: ParallelState) -> tuple:
     return rollout, dp_shard(exp, ps.dp_rank, ps.dp_size, ppo.cfg.mini_batches)
 
 
-def replay_step(rank: int, world: int, parallel: dict, replay: str = "rollout", max_tokens=None) -> dict:
-    cfg = replay_config(parallel, replay, max_tokens)
+def replay_step(rank: int, world: int, parallel: dict, replay: str = "rollout", max_tokens=None, num_layers: int = 2) -> dict:
+    cfg = replay_config(parallel, replay, max_tokens, num_layers)
     ps = ParallelState.build(cfg.parallel, world, rank) if world > 1 else ParallelState.single()
     ppo = build(cfg, ps)
-    rollout, local = rollout_and_batch(ppo, ps)
+    # generation runs one model chunk per rank: under virtual stages a one-process twin (the same weights) samples
+    twin = build(replay_config({}, replay, max_tokens, num_layers), ParallelState.single()) if cfg.parallel.virtual_pp > 1 else None
+    rollout, local = rollout_and_batch(ppo, ps, twin)
     perturb_routers(ppo)
     metrics = ppo.step(local)
     first = {k: ppo.updates[0]["actor"][k] for k in ("loss", "grad_norm")}
@@ -130,8 +134,8 @@ def test_without_replay_the_perturbed_router_changes_the_log_probs_more(single):
     assert off["metrics"]["mismatch/logp_abs_diff_mean"] > 1.5 * single[False]["metrics"]["mismatch/logp_abs_diff_mean"] > 0
 
 
-def replay_worker(rank: int, world: int, parallel: dict, max_tokens) -> dict:
-    return replay_step(rank, world, parallel, max_tokens=max_tokens)
+def replay_worker(rank: int, world: int, parallel: dict, max_tokens, num_layers: int = 2) -> dict:
+    return replay_step(rank, world, parallel, max_tokens=max_tokens, num_layers=num_layers)
 
 
 @pytest.mark.timeout(300)
@@ -148,6 +152,17 @@ def test_replay_under_a_layout_equals_one_process(single, parallel, max_tokens):
             # differences of log-probs of size ~log(64): fp32 rounding of those, not of the ~1e-3 difference, sets the tolerance
             for key in ("mismatch/logp_abs_diff_mean", "mismatch/seq_log_ratio_abs_max"):
                 assert out["metrics"][key] == pytest.approx(ref["metrics"][key], abs=1e-5 * math.log(64)), key
+        for key in ("loss", "grad_norm"):
+            assert out["first"][key] == pytest.approx(ref["first"][key], rel=1e-5), key
+
+
+@pytest.mark.timeout(300)
+def test_replay_under_virtual_pipeline_stages_equals_one_process():
+    """4 layers over pp=2 x virtual_pp=2: each model chunk takes its own layers' columns of the recorded routes."""
+    ref = replay_step(0, 1, {}, num_layers=4)
+    assert ref["routes"].shape[2] == 4
+    for rank, out in enumerate(run_distributed(replay_worker, 2, {"pp": 2, "virtual_pp": 2, "pp_schedule": "interleaved"}, None, 4)):
+        assert out["metrics"]["mismatch/route_diff_mean"] == ref["metrics"]["mismatch/route_diff_mean"]
         for key in ("loss", "grad_norm"):
             assert out["first"][key] == pytest.approx(ref["first"][key], rel=1e-5), key
 

@@ -40,7 +40,6 @@ class TransformerBlock(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps, partial_tp_grad=sp)
         self.is_moe = layer_id >= cfg.num_dense_layers
         self.mlp = MoELayer(cfg, ps) if self.is_moe else SwiGLUMLP(cfg.hidden_size, cfg.dense_ffn_size, ps)
-
         self.moe_index = layer_id - cfg.num_dense_layers  # this layer's column of recorded routes (``routes_BSLA``)
 
     def forward(self, x_BSH: torch.Tensor, cos_sin: tuple, mask: Optional[torch.Tensor], cache: Optional[KVCache],
@@ -108,7 +107,7 @@ class GPTModel(nn.Module):
     def moe_layers(self) -> list:
         return [m for m in self.modules() if isinstance(m, MoELayer)]
 
-    def moe_layer_ids(self) -> dict:
+    def moe_layers_by_column(self) -> dict:
         """``{column of routes_BSLA: MoE layer}`` of this stage's MoE layers."""
         return {layer.moe_index: layer.mlp for layer in self.layers.values() if layer.is_moe}
 

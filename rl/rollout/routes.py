@@ -30,7 +30,7 @@ class RouteRecorder:
     def __init__(self, policy: GPTModel, ps: ParallelState, device: torch.device):
         cfg = policy.cfg
         self.ps, self.device = ps, device
-        self.layers = policy.moe_layer_ids()
+        self.layers = policy.moe_layers_by_column()
         self.num_columns = cfg.num_layers - cfg.num_dense_layers
         self.top_k, self.dtype = cfg.moe.top_k, route_dtype(cfg.moe.num_experts)
         self.prompt_routes: dict = {}  # row -> [len(prompt), L, A]
