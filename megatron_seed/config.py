@@ -564,6 +564,9 @@ def validate_config(cfg: Config) -> None:
     _require(r.routing_replay == "off" or cfg.model.num_dense_layers < cfg.model.num_layers,
              f"rl.routing_replay={r.routing_replay!r} on a dense model (model.num_dense_layers={cfg.model.num_dense_layers} = "
              f"model.num_layers): there are no expert routes to replay; fix: rl.routing_replay=off or an MoE model")
+    _require(r.routing_replay == "off" or cfg.rollout.engine == "native",
+             f"rl.routing_replay={r.routing_replay!r} with rollout.engine={cfg.rollout.engine!r}: only the in-process engine records the "
+             "experts it chose; fix: rl.routing_replay=off or rollout.engine=native")
     _one_of("rl.adaptation_rule", r.adaptation_rule, ("learnability", "reward", "uniform"))
     _require(0 <= r.adaptation_rate <= 1, f"rl.adaptation_rate={r.adaptation_rate}: must be in [0, 1]")
     _require(0 <= r.adaptation_ema < 1, f"rl.adaptation_ema={r.adaptation_ema}: must be in [0, 1)")

@@ -229,9 +229,11 @@ def test_routes_that_do_not_fit_the_model_or_batch_are_refused():
         ppo.step(without)
 
 
-def test_replay_on_a_dense_model_is_refused_at_config_load():
+def test_replay_on_a_dense_model_or_an_external_engine_is_refused_at_config_load():
     with pytest.raises(ConfigError, match=r"rl.routing_replay='rollout' on a dense model .*fix: rl.routing_replay=off"):
         load_config("tiny", None, ["model.num_dense_layers=2", "model.num_layers=2", "rl.routing_replay=rollout"])
+    with pytest.raises(ConfigError, match=r"rl.routing_replay='rollout' with rollout.engine='external': only the in-process engine"):
+        load_config("tiny", None, ["rollout.engine=external", "rollout.external_url=http://x:1", "rl.routing_replay=rollout"])
     with pytest.raises(ConfigError, match=r"rl.routing_replay='always': must be one of off, rollout"):
         load_config("tiny", None, ["rl.routing_replay=always"])
     assert load_config("tiny", None, ["rl.routing_replay=rollout"]).rl.routing_replay == "rollout"
