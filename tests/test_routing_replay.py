@@ -1,6 +1,6 @@
 """Routing replay (R3, rl.routing_replay=rollout): the rollout records every token's experts per MoE layer, and the
 actor's training forwards route by them through padding, early stops, packing and micro-batches (one process), and
-under pp=2, ep=2 (packed, dp-balanced) and tp=2 + sequence parallel exactly as one process does; the router's gradient
+under pp=2, pp=2 x virtual_pp=2, ep=2 (packed, dp-balanced), tp=2 + sequence parallel and cp=2 exactly as one process does; the router's gradient
 at replayed indices is the formula's; routes that do not fit are refused, and replay on a dense model at config load."""
 from __future__ import annotations
 
@@ -139,14 +139,14 @@ def replay_worker(rank: int, world: int, parallel: dict, max_tokens, num_layers:
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("parallel,max_tokens", [({"pp": 2}, None), ({"ep": 2}, 32), ({"tp": 2, "sequence_parallel": True}, None)],
-                         ids=["pp2", "ep2-packed-dp2", "tp2-sp"])
+@pytest.mark.parametrize("parallel,max_tokens", [({"pp": 2}, None), ({"ep": 2}, 32), ({"tp": 2, "sequence_parallel": True}, None),
+                                                 ({"cp": 2}, None)], ids=["pp2", "ep2-packed-dp2", "tp2-sp", "cp2"])
 def test_replay_under_a_layout_equals_one_process(single, parallel, max_tokens):
     ref = single[max_tokens is not None]
     results = run_distributed(replay_worker, 2, parallel, max_tokens)
     for rank, out in enumerate(results):
         assert out["finish"] == ref["finish"]
-        assert torch.equal(out["routes"], ref["routes"])  # recorded whole on every rank: tp gathered, pp stages merged
+        assert torch.equal(out["routes"], ref["routes"])  # recorded whole on every rank: tp / cp gathered, pp stages merged
         assert out["metrics"]["mismatch/route_diff_mean"] == ref["metrics"]["mismatch/route_diff_mean"]  # counts reduced to every rank
         if rank == 1:  # log-probs live on the last pipeline stage (the logging rank)
             # differences of log-probs of size ~log(64): fp32 rounding of those, not of the ~1e-3 difference, sets the tolerance

@@ -61,3 +61,5 @@ def test_an_rl_run_logs_the_mismatch_metrics_every_step(tmp_path):
         # fp32 eager rollout (one batch of 8 rows) against training's micro-batches of 4: rounding only
         assert 0.0 <= r["ppo/mismatch/logp_abs_diff_mean"] <= r["ppo/mismatch/logp_abs_diff_max"] < 1e-4, r
         assert r["ppo/mismatch/logp_frac_above_1e-3"] == 0.0
+        # the rollout recorded every response token's experts, and training's router picks the same ones
+        assert r["ppo/mismatch/route_diff_layer0"] == r["ppo/mismatch/route_diff_layer1"] == r["ppo/mismatch/route_diff_mean"] == 0.0
