@@ -3,6 +3,7 @@ every generate call, bf16 KV cache), eager and compiled, under ep=2 as in one pr
 recomputes the behaviour log-probs and applies truncated importance sampling; a bad dtype is refused."""
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
 from megatron_seed.config import ConfigError, ParallelConfig, RolloutConfig, load_config
 from megatron_seed.model.build import build_model_chunks
@@ -63,7 +64,9 @@ def test_bf16_rollout_samples_from_a_copy_refreshed_in_place_from_the_trained_we
 def test_compiled_bf16_decode_agrees_with_eager_bf16():
     model = single_model()
     eager = engine(model, dtype="bf16").generate(PROMPTS, n=2, sampling=GREEDY, max_new_tokens=MAX_NEW)
+    counters.clear()
     compiled = engine(model, dtype="bf16", compile=True).generate(PROMPTS, n=2, sampling=GREEDY, max_new_tokens=MAX_NEW)
+    assert counters["stats"]["unique_graphs"] >= 1 and not counters["graph_break"]  # the bf16 decode step did compile
     assert agreement(compiled.responses(), eager.responses()) >= 0.9
     assert 1e-4 < logprob_gap(compiled, model) < 0.05
 
