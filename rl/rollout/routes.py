@@ -33,28 +33,22 @@ class RouteRecorder:
         self.layers = policy.moe_layers_by_column()
         self.num_columns = cfg.num_layers - cfg.num_dense_layers
         self.top_k, self.dtype = cfg.moe.top_k, route_dtype(cfg.moe.num_experts)
-        self.prompt_routes: dict = {}  # row -> [len(prompt), L, A]
-        self.step_routes: list = []  # (rows, decode step k, [rows, L, A])
+        self.prompt_routes: dict = {}  # row -> [len(prompt), L_local, A], zero-based
+        self.step_routes: list = []  # (rows, decode step k, [rows, L_local, A] zero-based)
 
     @property
     def active(self) -> bool:
         return self.num_columns > 0
 
     def _stacked(self) -> torch.Tensor:
-        """``[B, S, L, A]`` one-based routes of the last forward, this stage's columns filled."""
-        some = next(iter(self.layers.values()), None)
-        if some is None:  # a pipeline stage without MoE layers: its columns come from the others
-            return None
-        B, S, _ = some.last_routes_BSA.shape
-        out = torch.zeros(B, S, self.num_columns, self.top_k, dtype=self.dtype, device=self.device)
-        for column, layer in self.layers.items():
-            out[:, :, column] = (layer.last_routes_BSA + 1).to(self.dtype)
-        return out
+        """``[B, S, L_local, A]`` zero-based routes of the last forward of this stage's MoE layers, in the compact dtype
+        (two ops: a decode step pays for nothing else; the columns and the one-based ids are applied in :meth:`assemble`)."""
+        return torch.stack([layer.last_routes_BSA for layer in self.layers.values()], dim=2).to(self.dtype) if self.layers else None
 
     def prefill(self, rows: list, prompts: list, sharded: bool) -> None:
         """After a chunk's prefill of left-padded ``prompts``; ``sharded``: the prefill was cut over cp."""
         routes = self._stacked()
-        if routes is None:
+        if routes is None:  # a pipeline stage without MoE layers: its columns come from the others
             return
         if sharded:
             routes = context_parallel.gather_sequence(routes, self.ps)
@@ -66,15 +60,17 @@ class RouteRecorder:
         """After decode step ``step`` (it fed each row's response token ``step - 1``) of the live ``rows``."""
         routes = self._stacked()
         if routes is not None:
-            self.step_routes.append((torch.as_tensor(rows, device=self.device), step, routes[:, 0]))
+            self.step_routes.append((list(rows), step, routes[:, 0]))
 
     def assemble(self, rows: int, prompt_width: int, width: int) -> torch.Tensor:
         """``[rows, width, L, A]`` in the layout of the batch's tokens (module docstring); collective over pp."""
         out = torch.zeros(rows, width, self.num_columns, self.top_k, dtype=self.dtype, device=self.device)
+        columns = torch.tensor(list(self.layers), dtype=torch.long, device=self.device)
         for row, routes in self.prompt_routes.items():
-            out[row, prompt_width - routes.shape[0]:prompt_width] = routes
+            out[row, prompt_width - routes.shape[0]:prompt_width, columns] = routes + 1
         for rows_b, step, routes in self.step_routes:
-            out[rows_b, prompt_width + step - 1] = routes
+            index_b = torch.as_tensor(rows_b, device=self.device)
+            out[index_b[:, None], prompt_width + step - 1, columns[None, :]] = routes + 1
         if self.ps.pp_size > 1:  # every layer's column is filled on exactly one stage
             summed = out.to(torch.int32)
             dist.all_reduce(summed, group=self.ps.group("pp"))
