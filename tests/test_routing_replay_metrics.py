@@ -1,5 +1,6 @@
 """Mismatch metrics (rl.mismatch) on real PPO steps: exactly 0 when the rollout's log-probs are training's own, the
-planted difference when one is perturbed, and logged on every step of an RL run with the native engine."""
+planted difference when one is perturbed, and logged on every step of an RL run with the native engine; a run with
+routing replay resumes exactly."""
 from __future__ import annotations
 
 import json
@@ -7,8 +8,10 @@ import json
 import pytest
 import torch
 
+from data.tokenizer import load_tokenizer
 from megatron_seed.parallel.state import ParallelState
 from rl.experience import dp_shard
+from rl.rl_trainer import RLTrainer
 from tests.rl_trainer_utils import ParityRouter, math_records, tiny_rl_config
 from tests.test_rl_ppo import build, ppo_config, synthetic_rollouts
 
@@ -50,9 +53,6 @@ def test_mismatch_is_zero_when_rollout_and_training_agree_and_the_planted_differ
 
 @pytest.mark.timeout(300)
 def test_an_rl_run_logs_the_mismatch_metrics_every_step(tmp_path):
-    from data.tokenizer import load_tokenizer
-    from rl.rl_trainer import RLTrainer
-
     cfg = tiny_rl_config(tmp_path, "rl.steps=2", "rl.eval_prompts=0")
     RLTrainer(cfg, ParallelState.single(), load_tokenizer(cfg.data.tokenizer), math_records(), ParityRouter()).fit()
     ppo = [r for r in map(json.loads, open(tmp_path / "metrics.jsonl")) if r["phase"] == "ppo" and "ppo/actor/loss" in r]
@@ -63,3 +63,30 @@ def test_an_rl_run_logs_the_mismatch_metrics_every_step(tmp_path):
         assert r["ppo/mismatch/logp_frac_above_1e-3"] == 0.0
         # the rollout recorded every response token's experts, and training's router picks the same ones
         assert r["ppo/mismatch/route_diff_layer0"] == r["ppo/mismatch/route_diff_layer1"] == r["ppo/mismatch/route_diff_mean"] == 0.0
+
+
+class StopAtPPOStep(RLTrainer):
+    """Stops (as Ctrl-C does) once the PPO phase has done one step."""
+
+    def stop_requested(self) -> bool:
+        self._stop = self._stop or self.phases[-1].step >= 1
+        return super().stop_requested()
+
+
+@pytest.mark.timeout(300)
+def test_a_run_with_routing_replay_resumes_exactly(tmp_path):
+    """No rollout batch outlives a step (checkpoints hold the engine's generator instead), so a resumed step samples
+    the same tokens and records the same routes: its replayed update equals the uninterrupted run's."""
+    def run(name: str, cls=RLTrainer):
+        cfg = tiny_rl_config(tmp_path / name, "rl.steps=2", "rl.eval_prompts=0", "rl.routing_replay=rollout", "train.save_interval=1")
+        return cfg, cls(cfg, ParallelState.single(), load_tokenizer(cfg.data.tokenizer), math_records(), ParityRouter())
+
+    run("whole")[1].fit()
+    assert run("cut", StopAtPPOStep)[1].fit()["stopped"]
+    resumed = run("cut")[1]
+    assert resumed.resume() and resumed.phases[-1].step == 1
+    assert not resumed.fit()["stopped"]
+    step2 = [{r["step"]: r for r in map(json.loads, open(tmp_path / name / "metrics.jsonl")) if r["phase"] == "ppo"}[2]
+             for name in ("whole", "cut")]
+    for key in ("ppo/actor/loss", "ppo/actor/grad_norm", "ppo/mismatch/route_diff_mean", "ppo/mismatch/logp_abs_diff_mean"):
+        assert step2[1][key] == pytest.approx(step2[0][key], rel=1e-6, abs=1e-9), key
