@@ -16,6 +16,8 @@ TINY_RL = [
     # the trainer tests' task mix and tokenizer, whatever the README job uses: no SFT unless asked, a 4-prompt held-out evaluation
     "data.tokenizer=bundled", "model.vocab_size=2048", "data.task_families=[arithmetic,linear_equation,program]",
     "data.task_difficulty=[1,2]", "sft.steps=0", "rl.eval_prompts=4", "rl.eval_samples=2",
+    # the README job's recipe settings these tests were written against
+    "data.system_prompt=null", "rl.filter_zero_variance=false", "rl.length_alpha=0.5",
 ]
 
 

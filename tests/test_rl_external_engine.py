@@ -46,6 +46,7 @@ def external_config(tmp_path, url: str, *extra: str):
         "rollout.max_new_tokens=8", "rollout.engine=external",
         f"rollout.external_url={url}", f"rollout.external_weights_dir={tmp_path / 'weights'}", f"train.save_dir={tmp_path / 'run'}",
         "train.save_interval=0", "rl.log_samples_interval=0", "sft.steps=0", "rl.eval_prompts=0",
+        "rl.filter_zero_variance=false",  # every step updates, so every step syncs the server's weights
         *extra,
     ])
 
