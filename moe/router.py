@@ -158,9 +158,7 @@ class Router(nn.Module):
         )
         if cfg.router_force_balance:
             experts_TA = balanced_experts(logits_TE.shape[0], self.top_k, self.num_experts, self.ps.ep_size, logits_TE.device)
-            weights_TA = scores_TE.gather(1, experts_TA)
-            if cfg.norm_topk_prob:
-                weights_TA = weights_TA / weights_TA.sum(dim=-1, keepdim=True)
+            weights_TA = self._weights_at(scores_TE, experts_TA)
         differs_T = None
         if recorded_TA is not None:
             recorded_TA = recorded_TA.long() - 1
@@ -169,9 +167,7 @@ class Router(nn.Module):
             differs_T = has_route_T & (own_TA != recorded_TA.sort(dim=-1).values).any(dim=-1)
             if replay:
                 experts_TA = torch.where(has_route_T.unsqueeze(1), recorded_TA, experts_TA)
-                weights_TA = scores_TE.gather(1, experts_TA)  # the router's weight rule at the replayed indices
-                if cfg.norm_topk_prob:
-                    weights_TA = weights_TA / weights_TA.sum(dim=-1, keepdim=True)
+                weights_TA = self._weights_at(scores_TE, experts_TA)
         valid_T = None if valid_BS is None else valid_BS.reshape(-1).to(torch.bool)
         tokens_per_expert_E = expert_counts(experts_TA, self.num_experts, valid_T)
         if self.balance_bias and self.training:
@@ -186,6 +182,12 @@ class Router(nn.Module):
         if cfg.capacity_factor is not None:
             experts_TA = apply_capacity(weights_TA, experts_TA, self.num_experts, cfg.capacity_factor)
         return Routing(weights_TA, experts_TA, tokens_per_expert_E, aux_loss, z_loss, selected_TA, differs_T)
+
+    def _weights_at(self, scores_TE: torch.Tensor, experts_TA: torch.Tensor) -> torch.Tensor:
+        """The router's weight rule at experts chosen by another rule (forced balance, replayed routes): their
+        scores, renormalised over the top-k when ``norm_topk_prob``."""
+        weights_TA = scores_TE.gather(1, experts_TA)
+        return weights_TA / weights_TA.sum(dim=-1, keepdim=True) if self.cfg.norm_topk_prob else weights_TA
 
     def _losses(self, logits_TE: torch.Tensor, scores_TE: torch.Tensor, experts_TA: torch.Tensor, B: int,
                 valid_T: Optional[torch.Tensor]) -> tuple:

@@ -36,7 +36,7 @@ from megatron_seed.train.trainer import Trainer
 from rl.advantage import compute_advantages, place_terminal_reward
 from rl.experience import check_experience, from_rollout, pad_columns, sample_and_score
 from rl.packing import pack, plan_step
-from rl.ppo import critic_loss_spec, critic_values, trained_mask
+from rl.ppo import critic_loss_spec, critic_values, trained_mask, without_routes
 
 
 @dataclass
@@ -102,7 +102,7 @@ def value_pretrain(
 def value_pretrain_step(critic: Trainer, batch: dict, cfg: RLConfig) -> dict:
     """Steps 2-3 of the module docstring on one batch of scored rollouts; the critic's metrics (every rank)."""
     ps = critic.ps
-    batch = pad_columns(batch, context_parallel.sequence_multiple(ps))
+    batch = without_routes(pad_columns(batch, context_parallel.sequence_multiple(ps)))  # the critic routes by its own router
     check_experience(batch)
     layout = None
     if critic.cfg.train.max_tokens_per_micro_batch is not None:  # packed, dp-token-balanced micro-batches (rl.packing)
