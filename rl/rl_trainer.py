@@ -410,13 +410,21 @@ class RLTrainer:
         if checkpoint.latest_checkpoint(actor_dir) is None:
             return False
         state = self.actor.load(actor_dir)
-        critic_state = self.critic.load(os.path.join(self.save_dir, "critic"))
-        if critic_state.get("actor_step") != self.actor.step:
-            raise checkpoint.CheckpointError(
-                f"{os.path.join(self.save_dir, 'critic')}: its latest checkpoint belongs to actor step {critic_state.get('actor_step')}, "
-                f"the actor's latest is step {self.actor.step} (a save was interrupted); fix: point both 'latest' files at one save")
+        self.critic.load(self._critic_checkpoint_of(self.actor.step))
         self.load_state_dict(state["rl"])
         return True
+
+    def _critic_checkpoint_of(self, actor_step: int) -> str:
+        """The critic checkpoint saved with the actor's ``actor_step``. :meth:`save` writes the critic first, so a run
+        killed between the two saves left a critic ``latest`` one save ahead: its previous checkpoint is the match."""
+        critic_dir = os.path.join(self.save_dir, "critic")
+        latest = checkpoint.latest_checkpoint(critic_dir)
+        saved = sorted((d for d in os.listdir(critic_dir) if d.startswith("iter_") and not d.endswith((".tmp", ".old"))), reverse=True)
+        for path in ([latest] if latest else []) + [os.path.join(critic_dir, d) for d in saved]:
+            if checkpoint.Checkpoint(path).extra(self.ps.rank).get("actor_step") == actor_step:
+                return path
+        raise checkpoint.CheckpointError(f"{critic_dir}: no checkpoint belongs to actor step {actor_step} (the actor's latest); "
+                                         "fix: resume from a save_dir whose actor and critic were saved together")
 
     # ------------------------------------------------------------------ the run
     def stop_requested(self) -> bool:

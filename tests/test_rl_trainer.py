@@ -13,6 +13,7 @@ import torch
 from data.tokenizer import load_tokenizer
 from megatron_seed.config import ConfigError
 from megatron_seed.parallel.spawn import run_distributed
+from megatron_seed.train.checkpoint import CheckpointError
 from megatron_seed.parallel.state import ParallelState
 from rl.rl_trainer import RLTrainer
 from tests.numerics import assert_close_rel
@@ -345,3 +346,32 @@ def test_a_step_whose_every_score_failed_makes_no_update_and_the_run_goes_on(tmp
     ppo = [r for r in read_jsonl(tmp_path / "metrics.jsonl") if r["phase"] == "ppo" and "ppo/reward/masked" in r]
     assert [r["step"] for r in ppo] == [1, 2] and all(r["ppo/reward/masked"] == r["ppo/reward/scoring_error"] > 0 for r in ppo)
     assert "every sample's scoring failed" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- a kill between the critic's and the actor's save
+
+
+def test_resume_after_a_kill_between_the_critic_and_actor_saves_takes_the_matching_critic(tmp_path):
+    cfg = tiny_rl_config(tmp_path, "rl.steps=2", "train.save_interval=1")
+    run = build(cfg)
+    assert not run.fit()["stopped"]
+    saved = weights(run.critic.chunks)
+    # the kill's window: the critic of the next save is written, the actor's is not
+    with torch.no_grad():
+        for p in run.critic.chunks[0].parameters():
+            p.add_(1.0)
+    run.critic.step += 1
+    run.critic.save({"actor_step": run.actor.step + 2})
+    resumed = build(cfg)
+    assert resumed.resume() and resumed.actor.step == run.actor.step
+    for k, v in weights(resumed.critic.chunks).items():
+        assert torch.equal(v, saved[k]), k  # the critic saved with the actor's latest, not the one ahead of it
+
+    # no critic checkpoint of the actor's step at all: refused, naming the directory
+    for d in (tmp_path / "critic").iterdir():
+        if d.name.startswith("iter_") and d.name != f"iter_{run.critic.step:07d}":
+            for f in d.iterdir():
+                f.unlink()
+            d.rmdir()
+    with pytest.raises(CheckpointError, match="no checkpoint belongs to actor step"):
+        build(cfg).resume()
