@@ -25,8 +25,8 @@ programs with bigger test inputs):
 
 :func:`generate_prompts` turns them into RL prompt records (:mod:`data.prompts`
 schema); :func:`generate_sft` into chat conversations whose assistant turn is the
-worked solution. Both are reproducible from ``seed``: the same arguments always give
-the same records.
+worked solution (or, with ``worked=False``, only its final step, "The answer is <answer>."). Both are
+reproducible from ``seed``: the same arguments always give the same records.
 """
 from __future__ import annotations
 
@@ -57,6 +57,13 @@ class Problem:
     checker: Optional[str] = None
     difficulty: int = 1
     metadata: dict = field(default_factory=dict)  # extra record metadata (verify: the verdict key)
+
+    def final_step(self) -> str:
+        """The solution without its working: "The answer is <answer>.", a verifier task's verdict line; a program's
+        code whole (it has no shorter form)."""
+        if self.answer is None:
+            return self.solution
+        return self.solution.rsplit("\n", 1)[-1] if self.kind == "verify" else f"The answer is {self.answer}."
 
 
 def _check_difficulty(difficulty: int) -> None:
@@ -413,12 +420,12 @@ def system_prompt(configured: Optional[str]) -> Optional[str]:
 
 def generate_sft(
     num: int, seed: int = 0, families: Optional[Sequence[str]] = None, difficulty: Sequence[int] = (1, 3),
-    system: Optional[str] = SYSTEM_PROMPT,
+    system: Optional[str] = SYSTEM_PROMPT, worked: bool = True,
 ) -> list:
     """``num`` conversations ``[{"role", "content"}, ...]``: the ``system`` turn (none when None), the user's
-    prompt, the assistant's worked solution."""
+    prompt, the assistant's worked solution, or with ``worked=False`` only its final step (:meth:`Problem.final_step`)."""
     head = [{"role": "system", "content": system}] if system else []
     return [
-        head + [{"role": "user", "content": p.prompt}, {"role": "assistant", "content": p.solution}]
+        head + [{"role": "user", "content": p.prompt}, {"role": "assistant", "content": p.solution if worked else p.final_step()}]
         for p in _problems(num, seed, families, difficulty)
     ]

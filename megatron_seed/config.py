@@ -142,6 +142,12 @@ class DataConfig:
     # the system turn of generated tasks (RL prompts, SFT worked solutions, held-out evaluation): None = data.tasks.SYSTEM_PROMPT,
     # "" = no system turn (a byte-level model spends most of each row on it)
     system_prompt: Optional[str] = None
+    # SFT on generated tasks: true = the worked solution, false = only its final step ("The answer is 52."): a tiny model
+    # that must copy the operands into a worked line learns the task later than one that answers at once
+    worked_solutions: bool = True
+    # generated RL prompts (no data.prompts): None = rl.steps x rl.prompts_per_step, so no PPO step sees a prompt again
+    # (a pool that repeats is learnt by heart: the training reward rises while held-out accuracy does not)
+    num_tasks: Optional[int] = None
     num_workers: int = 2
 
 
@@ -586,6 +592,7 @@ def validate_config(cfg: Config) -> None:
     _require(len(d.task_difficulty) == 2 and all(isinstance(v, int) and 1 <= v <= 5 for v in d.task_difficulty)
              and d.task_difficulty[0] <= d.task_difficulty[1],
              f"data.task_difficulty={d.task_difficulty}: must be [low, high] with 1 <= low <= high <= 5")
+    _require(d.num_tasks is None or d.num_tasks >= 1, f"data.num_tasks={d.num_tasks}: must be >= 1 (or null: rl.steps x rl.prompts_per_step)")
     for name in ("steps", "value_pretrain_steps", "eval_prompts", "eval_samples", "eval_interval", "log_samples_interval", "log_samples"):
         _require(getattr(r, name) >= 0, f"rl.{name}={getattr(r, name)}: must be >= 0")
     for name in ("ppo_epochs", "mini_batches", "prompts_per_step"):

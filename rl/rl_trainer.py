@@ -198,9 +198,9 @@ class RLTrainer:
 
     # ------------------------------------------------------------------ building
     @classmethod
-    def from_config(cls, cfg: Config, prompts_path: Optional[str] = None, num_tasks: int = 512, **kwargs) -> "RLTrainer":
+    def from_config(cls, cfg: Config, prompts_path: Optional[str] = None, **kwargs) -> "RLTrainer":
         """Everything from ``cfg``: groups (torchrun / SLURM or one process), tokenizer, prompts (a JSONL
-        file, else generated verifiable tasks), the reward router, the rollout engine and the evaluator."""
+        file, else ``data.num_tasks`` generated verifiable tasks), the reward router, the rollout engine and the evaluator."""
         from data.prompts import load_prompts
         from data.tasks import generate_prompts, system_prompt
         from megatron_seed.train.run_setup import load_run_tokenizer, start_run
@@ -215,6 +215,7 @@ class RLTrainer:
             if not records:
                 raise ConfigError(f"{prompts_path}: no valid prompt records ({report.summary()})")
         else:
+            num_tasks = cfg.data.num_tasks or max(1, cfg.rl.steps * cfg.rl.prompts_per_step)
             records = generate_prompts(num_tasks, seed=cfg.train.seed, families=families, difficulty=difficulty)
         if cfg.rl.eval_prompts:  # generated held-out tasks (another seed) that never appear in training
             from rl.evaluate import exclude_prompts

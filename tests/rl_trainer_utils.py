@@ -17,7 +17,8 @@ TINY_RL = [
     "data.tokenizer=bundled", "model.vocab_size=2048", "data.task_families=[arithmetic,linear_equation,program]",
     "data.task_difficulty=[1,2]", "sft.steps=0", "rl.eval_prompts=4", "rl.eval_samples=2",
     # the README job's recipe settings these tests were written against
-    "data.system_prompt=null", "rl.filter_zero_variance=false", "rl.length_alpha=0.5",
+    "data.system_prompt=null", "rl.filter_zero_variance=false", "rl.length_alpha=0.5", "data.worked_solutions=true",
+    "data.num_tasks=512", "rl.lm_loss_coef=0.1",
 ]
 
 

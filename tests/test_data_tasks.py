@@ -144,5 +144,30 @@ def test_data_system_prompt_sets_or_drops_the_system_turn_of_sft_rl_and_evaluati
     assert sft_conversations(custom)[0][0] == {"role": "system", "content": "Be brief."}
     none = tiny_rl_config(tmp_path / "none", "sft.examples=2", "data.system_prompt=''")
     assert [m["role"] for m in sft_conversations(none)[0]] == ["user", "assistant"]
-    trainer = RLTrainer.from_config(none, num_tasks=4)
+    trainer = RLTrainer.from_config(none)
     assert trainer.system is None and trainer.evaluator.system is None  # RL prompts and held-out prompts alike
+
+
+def test_generated_rl_prompts_default_to_one_fresh_prompt_per_ppo_slot_and_sft_can_drop_the_working(tmp_path):
+    from megatron_seed.train.sft import sft_conversations
+    from rl.rl_trainer import RLTrainer
+    from tests.rl_trainer_utils import tiny_rl_config
+
+    cfg = tiny_rl_config(tmp_path / "fresh", "data.num_tasks=null", "rl.steps=3", "rl.eval_prompts=0",
+                         "data.task_families=[addition]", "data.task_difficulty=[1,1]")
+    trainer = RLTrainer.from_config(cfg)
+    drawn = [p.record.id for _ in range(6) for p in trainer.sampler.sample(cfg.rl.prompts_per_step)]
+    assert len(set(drawn[:12])) == 12  # rl.steps x rl.prompts_per_step tasks, none drawn twice in the run's 3 steps
+    assert set(drawn[12:]) == set(drawn[:12])  # and no more: 3 steps further the same tasks come again
+    pinned = RLTrainer.from_config(tiny_rl_config(tmp_path / "pinned", "data.num_tasks=2", "rl.eval_prompts=0"))
+    assert len({p.record.id for p in pinned.sampler.sample(4)}) == 2  # a pool of two: drawn again and again
+    with pytest.raises(ConfigError, match=r"data.num_tasks=0: must be >= 1"):
+        tiny_rl_config(tmp_path / "bad", "data.num_tasks=0")
+
+    answers = tiny_rl_config(tmp_path / "answers", "sft.examples=6", "data.worked_solutions=false",
+                             "data.task_families=[addition,verify,program]")
+    worked = tiny_rl_config(tmp_path / "worked", "sft.examples=6", "data.task_families=[addition,verify,program]")
+    short, long = [c[-1]["content"] for c in sft_conversations(answers)], [c[-1]["content"] for c in sft_conversations(worked)]
+    assert short[0] == long[0].split(". ", 1)[1] and short[0].startswith("The answer is ")  # addition: the worked line dropped
+    assert short[1] == long[1].splitlines()[-1] and short[1].startswith("VERDICT ")  # verify: the verdict line alone
+    assert short[2] == long[2]  # program: the code is the solution either way

@@ -58,7 +58,7 @@ def test_rl_generates_on_the_server_and_syncs_weights_after_every_step(tmp_path)
     http = serve(fake)
     try:
         cfg = external_config(tmp_path, f"http://127.0.0.1:{http.server_address[1]}")
-        assert not RLTrainer.from_config(cfg, num_tasks=32).fit()["stopped"]
+        assert not RLTrainer.from_config(cfg).fit()["stopped"]
     finally:
         http.shutdown()
     kinds = [url.rsplit("/", 1)[-1] for url, _ in fake.requests]

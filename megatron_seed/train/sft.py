@@ -63,7 +63,8 @@ def sft_conversations(cfg: Config, exclude_prompts: Sequence[str] = ()) -> list:
         from data.tasks import generate_sft, system_prompt
 
         conversations = generate_sft(s.examples, seed=cfg.train.seed + 2, families=cfg.data.task_families,
-                                     difficulty=tuple(cfg.data.task_difficulty), system=system_prompt(cfg.data.system_prompt))
+                                     difficulty=tuple(cfg.data.task_difficulty), system=system_prompt(cfg.data.system_prompt),
+                                     worked=cfg.data.worked_solutions)
     held_out = set(exclude_prompts)
     kept = [c for c in conversations if not any(m["role"] == "user" and m["content"] in held_out for m in c)]
     if not kept:
