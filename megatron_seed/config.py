@@ -200,6 +200,9 @@ class RLConfig:
     steps: int = 20
     critic_lr: float = 1e-3
     actor_lr: float = 1e-4
+    # optimizer steps of linear learning-rate warm-up of the actor and the critic: their Adam moments start empty, so the
+    # first updates move every weight by about the full learning rate and can undo the SFT start in one PPO step
+    warmup_steps: int = 0
     value_pretrain_steps: int = 20  # at most; stops earlier on a plateau
     value_pretrain_patience: int = 5  # steps without improvement of value loss or explained variance
     value_pretrain_min_delta: float = 1e-3  # smallest change that counts as an improvement
@@ -252,6 +255,12 @@ class SFTConfig:
     warmup_steps: int = 10
     examples: int = 2000  # generated worked solutions when sft.data is None
     data: Optional[str] = None  # {"messages": [...]} JSONL; None = generated tasks of data.task_families
+    # the RL run's SFT phase: stop once greedy accuracy on sft.eval_prompts validation prompts (the first RL prompts, left
+    # out of SFT; never the held-out ones) reaches it, checked every sft.eval_interval steps; None = all sft.steps. PPO
+    # needs a partly right start (groups with mixed rewards), and when a tiny model learns a task is a matter of its seed
+    stop_accuracy: Optional[float] = None
+    eval_interval: int = 10
+    eval_prompts: int = 64
 
 
 @dataclass
@@ -585,6 +594,9 @@ def validate_config(cfg: Config) -> None:
     _require(s.lr > 0, f"sft.lr={s.lr}: must be > 0")
     _require(s.warmup_steps >= 0, f"sft.warmup_steps={s.warmup_steps}: must be >= 0")
     _require(s.examples >= 1, f"sft.examples={s.examples}: must be >= 1")
+    _require(s.stop_accuracy is None or 0 < s.stop_accuracy <= 1, f"sft.stop_accuracy={s.stop_accuracy}: must be in (0, 1] or null")
+    _positive("sft.eval_interval", s.eval_interval)
+    _positive("sft.eval_prompts", s.eval_prompts)
     d = cfg.data
     # the family names are checked by data.tasks (a higher layer) when the tasks are generated
     _require(bool(d.task_families) and all(isinstance(f, str) for f in d.task_families),
@@ -593,7 +605,7 @@ def validate_config(cfg: Config) -> None:
              and d.task_difficulty[0] <= d.task_difficulty[1],
              f"data.task_difficulty={d.task_difficulty}: must be [low, high] with 1 <= low <= high <= 5")
     _require(d.num_tasks is None or d.num_tasks >= 1, f"data.num_tasks={d.num_tasks}: must be >= 1 (or null: rl.steps x rl.prompts_per_step)")
-    for name in ("steps", "value_pretrain_steps", "eval_prompts", "eval_samples", "eval_interval", "log_samples_interval", "log_samples"):
+    for name in ("steps", "warmup_steps", "value_pretrain_steps", "eval_prompts", "eval_samples", "eval_interval", "log_samples_interval", "log_samples"):
         _require(getattr(r, name) >= 0, f"rl.{name}={getattr(r, name)}: must be >= 0")
     for name in ("ppo_epochs", "mini_batches", "prompts_per_step"):
         _positive(f"rl.{name}", getattr(r, name))

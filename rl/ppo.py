@@ -58,8 +58,9 @@ from rl.rollout.sampling import tempered
 def rl_trainer_config(cfg: Config, role: str, rows_per_update: int, dp_size: int = 1) -> Config:
     """The trainer config of the ``actor`` or the ``critic`` for one RL run.
 
-    A constant learning rate (``rl.actor_lr`` / ``rl.critic_lr``, no warm-up or decay:
-    the RL step count is not the pretraining one), ``train.global_batch_size`` =
+    A constant learning rate (``rl.actor_lr`` / ``rl.critic_lr``, after ``rl.warmup_steps``
+    optimizer steps of linear warm-up; no decay: the RL step count is not the pretraining
+    one), ``train.global_batch_size`` =
     ``rows_per_update`` (the rows of one optimizer step, over all ``dp_size`` ranks),
     micro-batches of at most one rank's share of them, and for the critic the same
     GPT-MoE with ``model.value_head=true``.
@@ -71,7 +72,7 @@ def rl_trainer_config(cfg: Config, role: str, rows_per_update: int, dp_size: int
     if lr <= 0:
         raise ConfigError(f"rl.{role}_lr={lr}: must be > 0")
     out.train.lr = out.train.min_lr = lr
-    out.train.warmup_steps = 0
+    out.train.warmup_steps = cfg.rl.warmup_steps
     out.train.global_batch_size = rows_per_update
     out.train.micro_batch_size = max(1, min(cfg.train.micro_batch_size, rows_per_update // dp_size))
     out.model.value_head = role == "critic"

@@ -56,6 +56,7 @@ from megatron_seed.train import checkpoint
 from megatron_seed.train.metrics import MetricsLogger
 from megatron_seed.train.trainer import Trainer, progress_bar
 from rl.adaptation import DomainSampler, split_by_domain
+from rl.evaluate import HeldOutEvaluator
 from rl.experience import drop_zero_variance_groups, from_rollout, render_prompts, score_rollout
 from rl.rewards.base import loss_mask, reason_counts
 from rl.ppo import PPOTrainer, init_critic_from_actor, rl_trainer_config, rollout_metrics
@@ -178,12 +179,15 @@ class RLTrainer:
                               temperature=cfg.rollout.temperature)
         self.evaluator = None
         if held_out:
-            from rl.evaluate import HeldOutEvaluator
-
             self.evaluator = HeldOutEvaluator(held_out, self.actor.chunks, ps, cfg.rollout, tokenizer, cfg.train.seed + 1,
                                               r.eval_samples, system)
         held_out_prompts = [rec.prompt for rec in held_out or ()]
-        self.phases = [SFTPhase(cfg, self.actor, tokenizer, held_out_prompts), ValuePretrainPhase(r), PPOPhase(r)]
+        validator = None
+        if cfg.sft.stop_accuracy is not None and cfg.sft.steps:  # the first RL prompts, which SFT then leaves out
+            validation = list(records[: cfg.sft.eval_prompts])
+            validator = HeldOutEvaluator(validation, self.actor.chunks, ps, cfg.rollout, tokenizer, cfg.train.seed + 3, 0, system)
+            held_out_prompts += [rec.prompt for rec in validation]
+        self.phases = [SFTPhase(cfg, self.actor, tokenizer, held_out_prompts, validator), ValuePretrainPhase(r), PPOPhase(r)]
         self.evals: dict = {}  # name -> {domain or "all": {"greedy", "sampled", "pass@k"}} (EvalReport.table)
         self.logging = self.actor.is_logging_rank
         self.progress = cfg.train.progress if progress is None else progress
@@ -478,7 +482,7 @@ class RLTrainer:
 _LINE = (("loss", "loss"), ("reward", "rollout/reward_mean"), ("acc", "rollout/pass_rate"), ("len", "rollout/response_length"), ("dropped", "rollout/groups_dropped"),
          ("kl_ref", "actor/kl_ref"), ("kl_old", "actor/approx_kl"), ("clip_lo", "actor/clip_frac_low"),
          ("clip_hi", "actor/clip_frac_high"), ("vloss", "critic/value_loss"), ("ev", "critic/explained_variance"),
-         ("H", "actor/entropy"), ("value_loss", "value_loss"), ("ev", "explained_variance"))
+         ("H", "actor/entropy"), ("value_loss", "value_loss"), ("ev", "explained_variance"), ("val acc", "val_greedy_acc"))
 
 
 def step_line(phase: str, step: int, total: int, metrics: dict) -> str:

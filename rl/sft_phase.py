@@ -10,6 +10,13 @@ evaluation prompt. When the last step is done:
 * the critic is initialised from the SFT policy (Seed initialises the critic from the
   policy it will judge), so value pretraining fits the returns of the policy PPO starts from.
 
+With ``sft.stop_accuracy`` the phase ends earlier: every ``sft.eval_interval`` steps a
+``validator`` (:class:`rl.evaluate.HeldOutEvaluator` on validation prompts SFT does not
+train on, never the held-out evaluation's) scores the greedy policy, and the first score
+at or above the target is the last step (logged as ``sft/val_greedy_acc``). PPO learns
+from groups whose rewards differ, so it needs a partly right start; when a tiny model
+crosses from wrong to right during SFT depends on its seed by hundreds of steps.
+
 A phase of :class:`rl.rl_trainer.RLTrainer` (``name``, ``step``, ``total``, ``done``,
 ``run(rl)``, ``state_dict`` / ``load_state_dict``). The weights are the actor's (in the
 actor's checkpoint); the phase state holds the SFT step, which is also the data position
@@ -21,20 +28,25 @@ from __future__ import annotations
 import time
 from typing import Sequence
 
-from megatron_seed.config import Config
+from megatron_seed.config import Config, ConfigError
 from megatron_seed.train.sft import SFT, sft_conversations
 from megatron_seed.train.trainer import Trainer
 from rl.ppo import init_critic_from_actor
 
 
 class SFTPhase:
-    """SFT of ``actor``'s chunks (see the module docstring); ``held_out_prompts``: prompts SFT must not train on."""
+    """SFT of ``actor``'s chunks (see the module docstring); ``held_out_prompts``: prompts SFT must not train on;
+    ``validator``: the evaluator of ``sft.stop_accuracy`` (required with it; its prompts must be among ``held_out_prompts``)."""
 
     name = "sft"
 
-    def __init__(self, cfg: Config, actor: Trainer, tokenizer, held_out_prompts: Sequence[str] = ()) -> None:
+    def __init__(self, cfg: Config, actor: Trainer, tokenizer, held_out_prompts: Sequence[str] = (), validator=None) -> None:
         self.total = cfg.sft.steps
         self.done = self.total == 0
+        self.stop_accuracy, self.eval_interval = cfg.sft.stop_accuracy, cfg.sft.eval_interval
+        if self.stop_accuracy is not None and validator is None and not self.done:
+            raise ConfigError(f"sft.stop_accuracy={self.stop_accuracy}: needs validation prompts to score (none given)")
+        self.validator = validator
         self.sft = None if self.done else SFT(cfg, actor.ps, tokenizer, sft_conversations(cfg, held_out_prompts), chunks=actor.chunks)
 
     @property
@@ -48,6 +60,9 @@ class SFTPhase:
             metrics = self.sft.trainer.train_step(next(batches))
             metrics["seconds"] = time.perf_counter() - t0
             self.done = self.step >= self.total
+            if self.stop_accuracy is not None and self.step % self.eval_interval == 0:
+                metrics["val_greedy_acc"] = self.validator.evaluate().overall_greedy_acc
+                self.done = self.done or metrics["val_greedy_acc"] >= self.stop_accuracy
             if self.done:
                 rl.actor.optimizer.sync_master_from_params()
                 init_critic_from_actor(rl.critic, rl.actor)

@@ -126,6 +126,46 @@ def test_sft_comes_first_trains_the_actor_seeds_the_critic_and_resumes_mid_phase
         assert_close_rel(v, actor[k], 1e-6, k)
 
 
+class ScriptedValidation:
+    """Stands in for the SFT phase's validator: reports the given greedy accuracies in turn."""
+
+    def __init__(self, accuracies):
+        self.accuracies = list(accuracies)
+
+    def evaluate(self):
+        return dataclasses.make_dataclass("Report", ["overall_greedy_acc"])(self.accuracies.pop(0))
+
+
+@pytest.mark.timeout(300)
+def test_sft_stops_at_the_validation_accuracy_target_on_prompts_it_does_not_train_on(tmp_path, monkeypatch):
+    import rl.sft_phase
+    from data.tasks import generate_prompts
+
+    excluded = []
+    real = rl.sft_phase.sft_conversations
+    monkeypatch.setattr(rl.sft_phase, "sft_conversations", lambda cfg, prompts: excluded.extend(prompts) or real(cfg, prompts))
+    target = ["sft.stop_accuracy=0.5", "sft.eval_interval=2", "sft.eval_prompts=3"]
+    cfg = tiny_rl_config(tmp_path / "real", "sft.steps=4", "rl.steps=0", *SFT, *target)
+    sft_prompts = generate_prompts(24, seed=cfg.train.seed + 2, families=["largest"], difficulty=(1, 1))  # SFT's own problems
+    real_run = build(cfg, records=sft_prompts, held_out=generate_prompts(2, seed=99, families=["largest"], difficulty=(1, 1)))
+    validation = [r.prompt for r in real_run.phases[0].validator.records]
+    assert validation == [r.prompt for r in sft_prompts[:3]] and set(validation) <= set(excluded)  # SFT leaves them out
+    assert not set(validation) & {r.prompt for r in real_run.evaluator.records}  # and they are not the held-out prompts
+    assert not real_run.fit()["stopped"]
+    logged = [(r["step"], r.get("sft/val_greedy_acc")) for r in read_jsonl(tmp_path / "real" / "metrics.jsonl")]
+    assert logged == [(1, None), (2, 0.0), (3, None), (4, 0.0)]  # a fresh model scores 0 against the ground truth: all steps
+
+    cfg = tiny_rl_config(tmp_path / "scripted", "sft.steps=8", "rl.steps=0", *SFT, *target)
+    scripted = build(cfg, records=sft_prompts)
+    scripted.phases[0].validator = ScriptedValidation([0.1, 0.5])
+    assert not scripted.fit()["stopped"] and scripted.phases[0].done and scripted.phases[0].step == 4  # stopped at the target
+    assert [r["step"] for r in read_jsonl(tmp_path / "scripted" / "metrics.jsonl")] == [1, 2, 3, 4]
+    actor, critic = weights(scripted.actor.chunks), weights(scripted.critic.chunks)
+    assert all(torch.equal(critic[k], actor[k]) for k in critic if k in actor and not k.startswith("value_head."))  # SFT's end
+    with pytest.raises(ConfigError, match=r"sft.stop_accuracy=1.5: must be in \(0, 1\]"):
+        tiny_rl_config(tmp_path / "bad", "sft.stop_accuracy=1.5")
+
+
 # ----------------------------------------------------------------------------- held-out evaluation
 
 

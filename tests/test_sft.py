@@ -51,6 +51,8 @@ def test_bad_sft_input_is_refused_with_the_fix(tmp_path, capsys):
     assert str(bad) in err and "no valid conversations" in err
     assert main(_args(tmp_path, "sft.steps=2", "data.task_difficulty=[3,1]")) == 2
     assert "data.task_difficulty" in capsys.readouterr().err
+    assert main(_args(tmp_path, "sft.steps=2", "sft.stop_accuracy=0.3")) == 2  # only the RL run's SFT phase evaluates
+    assert "sft.stop_accuracy=0.3" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "run" / "latest")
 
 

@@ -43,6 +43,9 @@ def sft_main(cfg) -> int:
 
     if cfg.sft.steps < 1:
         raise ConfigError(f"sft.steps={cfg.sft.steps}: megatron-seed sft needs at least one step; fix: --set sft.steps=200")
+    if cfg.sft.stop_accuracy is not None:
+        raise ConfigError(f"sft.stop_accuracy={cfg.sft.stop_accuracy}: only the RL run's SFT phase (megatron-seed rl) evaluates "
+                          "while it trains; megatron-seed sft runs all sft.steps: drop the setting")
     ps = start_run(cfg)
     tokenizer = load_run_tokenizer(cfg)
     sft = SFT(cfg, ps, tokenizer, sft_conversations(cfg))
