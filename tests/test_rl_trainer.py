@@ -304,6 +304,14 @@ def test_recipe_settings_reach_the_loss(override, governs, baseline, tmp_path):
 
 
 @pytest.mark.timeout(300)
+def test_rl_warmup_steps_ramp_the_actor_and_critic_learning_rates(tmp_path):
+    _, updates = one_step(tmp_path, "rl.warmup_steps=8", "rl.actor_lr=1e-3", "rl.critic_lr=2e-3")
+    assert len(updates) == 4  # 2 epochs x 2 mini-batches: the first 4 of 8 warm-up steps
+    for role, lr in (("actor", 1e-3), ("critic", 2e-3)):
+        assert [u[role]["lr"] for u in updates] == pytest.approx([lr * k / 8 for k in (1, 2, 3, 4)], rel=1e-9)
+
+
+@pytest.mark.timeout(300)
 def test_length_alpha_sets_lambda_policy(tmp_path):
     short, _ = one_step(tmp_path / "a", "rl.length_adaptive=true", "rl.length_alpha=0.5")
     long, _ = one_step(tmp_path / "b", "rl.length_adaptive=true", "rl.length_alpha=5.0")
