@@ -325,7 +325,7 @@ def test_lm_loss_coef_adds_the_positive_example_loss(baseline, tmp_path):
     _, base_updates = baseline
     _, updates = one_step(tmp_path, "rl.length_adaptive=false", "rl.lm_loss_coef=0.5")
     first, base_first = updates[0]["actor"], base_updates[0]["actor"]
-    mu_base = 0.1  # configs/rl-tiny.yaml leaves rl.lm_loss_coef at its default
+    mu_base = 0.1  # tests/rl_trainer_utils.py pins rl.lm_loss_coef at the value these tests were written against
     # the first update has ratio 1, so the policy term is the same and the loss moves by (mu - mu_base) x NLL of positives
     assert first["loss"] - base_first["loss"] == pytest.approx((0.5 - mu_base) * first["lm_loss"], rel=1e-5)
     assert first["lm_loss"] > 0
