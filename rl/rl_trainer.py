@@ -56,7 +56,7 @@ from megatron_seed.train import checkpoint
 from megatron_seed.train.metrics import MetricsLogger
 from megatron_seed.train.trainer import Trainer, progress_bar
 from rl.adaptation import DomainSampler, split_by_domain
-from rl.evaluate import HeldOutEvaluator
+from rl.evaluate import HeldOutEvaluator, exclude_prompts
 from rl.experience import drop_zero_variance_groups, from_rollout, render_prompts, score_rollout
 from rl.rewards.base import loss_mask, reason_counts
 from rl.ppo import PPOTrainer, init_critic_from_actor, rl_trainer_config, rollout_metrics
@@ -222,8 +222,6 @@ class RLTrainer:
             num_tasks = cfg.data.num_tasks or max(1, cfg.rl.steps * cfg.rl.prompts_per_step)
             records = generate_prompts(num_tasks, seed=cfg.train.seed, families=families, difficulty=difficulty)
         if cfg.rl.eval_prompts:  # generated held-out tasks (another seed) that never appear in training
-            from rl.evaluate import exclude_prompts
-
             held_out = generate_prompts(cfg.rl.eval_prompts, seed=cfg.train.seed + 1, families=families, difficulty=difficulty)
             records = exclude_prompts(records, held_out)
             kwargs.setdefault("held_out", held_out)
