@@ -18,7 +18,7 @@ TINY_RL = [
     "data.task_difficulty=[1,2]", "sft.steps=0", "rl.eval_prompts=4", "rl.eval_samples=2",
     # the README job's recipe settings these tests were written against
     "data.system_prompt=null", "rl.filter_zero_variance=false", "rl.length_alpha=0.5", "data.worked_solutions=true",
-    "data.num_tasks=512", "rl.lm_loss_coef=0.1",
+    "data.num_tasks=512", "rl.lm_loss_coef=0.1", "rl.warmup_steps=0", "sft.stop_accuracy=null",
 ]
 
 
