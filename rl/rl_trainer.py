@@ -181,13 +181,7 @@ class RLTrainer:
         if held_out:
             self.evaluator = HeldOutEvaluator(held_out, self.actor.chunks, ps, cfg.rollout, tokenizer, cfg.train.seed + 1,
                                               r.eval_samples, system)
-        held_out_prompts = [rec.prompt for rec in held_out or ()]
-        validator = None
-        if cfg.sft.stop_accuracy is not None and cfg.sft.steps:  # the first RL prompts, which SFT then leaves out
-            validation = list(records[: cfg.sft.eval_prompts])
-            validator = HeldOutEvaluator(validation, self.actor.chunks, ps, cfg.rollout, tokenizer, cfg.train.seed + 3, 0, system)
-            held_out_prompts += [rec.prompt for rec in validation]
-        self.phases = [SFTPhase(cfg, self.actor, tokenizer, held_out_prompts, validator), ValuePretrainPhase(r), PPOPhase(r)]
+        self.phases = [SFTPhase(cfg, self.actor, tokenizer, held_out or (), records, system), ValuePretrainPhase(r), PPOPhase(r)]
         self.evals: dict = {}  # name -> {domain or "all": {"greedy", "sampled", "pass@k"}} (EvalReport.table)
         self.logging = self.actor.is_logging_rank
         self.progress = cfg.train.progress if progress is None else progress

@@ -10,9 +10,9 @@ evaluation prompt. When the last step is done:
 * the critic is initialised from the SFT policy (Seed initialises the critic from the
   policy it will judge), so value pretraining fits the returns of the policy PPO starts from.
 
-With ``sft.stop_accuracy`` the phase ends earlier: every ``sft.eval_interval`` steps a
-``validator`` (:class:`rl.evaluate.HeldOutEvaluator` on validation prompts SFT does not
-train on, never the held-out evaluation's) scores the greedy policy, and the first score
+With ``sft.stop_accuracy`` the phase ends earlier: every ``sft.eval_interval`` steps its
+``validator`` (:class:`rl.evaluate.HeldOutEvaluator` on the first ``sft.eval_prompts`` RL
+prompts, which SFT then leaves out too; never the held-out evaluation's) scores the greedy policy, and the first score
 at or above the target is the last step (logged as ``sft/val_greedy_acc``). PPO learns
 from groups whose rewards differ, so it needs a partly right start; when a tiny model
 crosses from wrong to right during SFT depends on its seed by hundreds of steps.
@@ -26,28 +26,34 @@ a run stopped mid-SFT continues exactly.
 from __future__ import annotations
 
 import time
-from typing import Sequence
+from typing import Optional, Sequence
 
-from megatron_seed.config import Config, ConfigError
+from megatron_seed.config import Config
 from megatron_seed.train.sft import SFT, sft_conversations
 from megatron_seed.train.trainer import Trainer
+from rl.evaluate import HeldOutEvaluator
 from rl.ppo import init_critic_from_actor
 
 
 class SFTPhase:
-    """SFT of ``actor``'s chunks (see the module docstring); ``held_out_prompts``: prompts SFT must not train on;
-    ``validator``: the evaluator of ``sft.stop_accuracy`` (required with it; its prompts must be among ``held_out_prompts``)."""
+    """SFT of ``actor``'s chunks (see the module docstring); ``held_out``: the held-out evaluation's records, which SFT
+    must not train on; ``rl_records``: the RL prompts, the first of which validate ``sft.stop_accuracy``; ``system``:
+    their system turn."""
 
     name = "sft"
 
-    def __init__(self, cfg: Config, actor: Trainer, tokenizer, held_out_prompts: Sequence[str] = (), validator=None) -> None:
+    def __init__(self, cfg: Config, actor: Trainer, tokenizer, held_out: Sequence = (), rl_records: Sequence = (),
+                 system: Optional[str] = None) -> None:
         self.total = cfg.sft.steps
         self.done = self.total == 0
         self.stop_accuracy, self.eval_interval = cfg.sft.stop_accuracy, cfg.sft.eval_interval
-        if self.stop_accuracy is not None and validator is None and not self.done:
-            raise ConfigError(f"sft.stop_accuracy={self.stop_accuracy}: needs validation prompts to score (none given)")
-        self.validator = validator
-        self.sft = None if self.done else SFT(cfg, actor.ps, tokenizer, sft_conversations(cfg, held_out_prompts), chunks=actor.chunks)
+        excluded = [rec.prompt for rec in held_out]
+        self.validator = None
+        if self.stop_accuracy is not None and not self.done:
+            validation = list(rl_records[: cfg.sft.eval_prompts])
+            self.validator = HeldOutEvaluator(validation, actor.chunks, actor.ps, cfg.rollout, tokenizer, cfg.train.seed + 3, 0, system)
+            excluded += [rec.prompt for rec in validation]
+        self.sft = None if self.done else SFT(cfg, actor.ps, tokenizer, sft_conversations(cfg, excluded), chunks=actor.chunks)
 
     @property
     def step(self) -> int:
