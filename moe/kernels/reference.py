@@ -14,6 +14,7 @@ routed rows (kept token-slots, sorted by expert), ``K``/``O`` GEMM in/out featur
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -279,10 +280,11 @@ def grouped_mm(x_NK: torch.Tensor, w_EKO: torch.Tensor, tokens_per_expert_E: tor
     """``out[rows of e] = x[rows of e] @ w[e]``; rows sorted by expert, ``sum(counts) == N``.
 
     Uses ``torch._grouped_mm`` (one call, no loop over experts) when the layout allows it,
-    else a padded ``bmm``. Under ``torch.compile`` without gradients (compiled rollout
-    decode) ``torch._grouped_mm`` runs as the opaque op ``megatron_seed::grouped_mm``: its
-    fake-tensor rule accepts bf16 only, while CPU runs it in fp32. The layout checks and the
-    offsets stay in the traced code, so the opaque call is the bare GEMM.
+    else a padded ``bmm``. Without gradients the GEMM is the op ``megatron_seed::grouped_mm``
+    (:func:`_grouped_mm_op`): opaque to ``torch.compile`` (compiled rollout decode; the fake-tensor
+    rule of ``torch._grouped_mm`` accepts bf16 only, while CPU runs it in fp32), and on CPU the
+    staged loop of :func:`_staged_cpu_grouped_mm`. The layout checks and the offsets stay in the
+    traced code, so the opaque call is the bare GEMM.
     """
     N, O = x_NK.shape[0], w_EKO.shape[2]
     if N == 0:
@@ -295,14 +297,47 @@ def grouped_mm(x_NK: torch.Tensor, w_EKO: torch.Tensor, tokens_per_expert_E: tor
     offs = torch.cumsum(tokens_per_expert_E, 0, dtype=torch.int32)
     if _needs_grad(x_NK, w_EKO):
         return _GroupedMM.apply(x_NK, w_EKO, offs)
-    if torch.compiler.is_compiling():
-        return _grouped_mm_op(x_NK, w_EKO, offs)
-    return torch._grouped_mm(x_NK, w_EKO, offs=offs)
+    return _grouped_mm_op(x_NK, w_EKO, offs)
 
 
 @torch.library.custom_op("megatron_seed::grouped_mm", mutates_args=())
 def _grouped_mm_op(x_NK: torch.Tensor, w_EKO: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
+    if x_NK.device.type == "cpu":
+        return _staged_cpu_grouped_mm(x_NK, w_EKO, offs_E)
     return torch._grouped_mm(x_NK, w_EKO, offs=offs_E)
+
+
+def _staged_cpu_grouped_mm(x_NK: torch.Tensor, w_EKO: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
+    """``out[rows of e] = x[rows of e] @ w[e]``, one GEMM per non-empty expert on a contiguous copy of ``w[e]``.
+
+    The copy goes into one buffer reused for every expert, in the layout ``w[e]``'s storage
+    already has (row-major ``[O, K]`` for the experts' transposed views, so the copy is a straight
+    stream). MKL's GEMM reads a weight in main memory far below the bandwidth a plain copy reaches
+    when it has few rows to amortise its packing over (a decode step gives each expert a handful);
+    from the freshly written buffer it reads cache instead, and the copy costs less than it saves
+    (``benchmarks/RESULTS.md``, "Staged expert GEMMs"). Numerically it is a plain GEMM per expert.
+    """
+    # a CPU without bf16/fp16 arithmetic emulates it inside the GEMM; upcasting the staged weight and the rows
+    # instead is the same product (fp32 accumulation, the output rounded once) at fp32 GEMM speed
+    compute = x_NK.dtype if x_NK.dtype == torch.float32 or _native_low_precision_gemm() else torch.float32
+    x_NK = x_NK.to(compute)
+    out = x_NK.new_empty(x_NK.shape[0], w_EKO.shape[2])
+    K, O = w_EKO.shape[1:]
+    # [K, O] view of the buffer with w[e]'s strides: [E, O, K] storage seen as [E, K, O] copies row by row
+    staged_KO = x_NK.new_empty(O, K).t() if w_EKO.stride(1) == 1 else x_NK.new_empty(K, O)
+    ends = offs_E.tolist()
+    counts = [end - start for start, end in zip([0] + ends[:-1], ends)]
+    for x_CK, out_CO, w_KO, rows in zip(x_NK.split(counts), out.split(counts), w_EKO.unbind(0), counts):
+        if rows:
+            staged_KO.copy_(w_KO)
+            torch.mm(x_CK, staged_KO, out=out_CO)
+    return out.to(w_EKO.dtype)
+
+
+@functools.cache
+def _native_low_precision_gemm() -> bool:
+    """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX) rather than converting inside the kernel."""
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
 
 
 @_grouped_mm_op.register_fake
