@@ -21,6 +21,15 @@ def test_shapes_and_value_head():
     assert build(value_head=True)(ids).shape == (3, 10)
 
 
+def test_last_position_only_is_the_last_column_of_the_full_output():
+    ids = torch.randint(0, 64, (3, 10))
+    for model in (build(), build(value_head=True)):
+        with torch.no_grad():
+            full, last = model(ids), model(ids, last_position_only=True)
+        assert last.shape[1] == 1
+        assert_close_rel(last, full[:, -1:], 1e-5)
+
+
 def test_future_tokens_never_change_earlier_logits():
     model = build()
     ids = torch.randint(0, 64, (2, 12))

@@ -148,6 +148,7 @@ class GPTModel(nn.Module):
         advance_cache: bool = True,
         routes_BSLA: Optional[torch.Tensor] = None,
         compare_routes_BS: Optional[torch.Tensor] = None,
+        last_position_only: bool = False,
     ) -> torch.Tensor:
         """Logits ``[B, S, V/tp]`` (or values ``[B, S]``) on the last stage, else hidden states.
 
@@ -167,6 +168,9 @@ class GPTModel(nn.Module):
         ``advance_cache=False`` leaves the cache's cursor for the
         caller to move (``kv_cache.advance(S)``): a compiled decode step must not update the
         cursor's Python int, or torch.compile would trace the step again for every value.
+        ``last_position_only``: the last stage applies the final norm and the head to the last
+        position alone (``[B, 1, V/tp]``), what a prefill needs, instead of computing logits for
+        every prompt position; without sequence parallel only (its positions are split over tp).
         """
         if self.pre_process:
             B, S = input_ids_BS.shape
@@ -201,6 +205,10 @@ class GPTModel(nn.Module):
             kv_cache.advance(cache_S)
         if not self.post_process:
             return x_BSH
+        if last_position_only:
+            if self.ps.sequence_parallel:
+                raise ValueError("GPTModel: last_position_only needs sequence parallel off (the last position is on one tp rank)")
+            x_BSH = x_BSH[:, -1:]
         h_BSH = self.norm(x_BSH)
         if self.value_head is not None:
             return self.value_head(h_BSH)

@@ -469,7 +469,7 @@ class RolloutEngine:
     def _forward(self, model: GPTModel, ids_BS, pos_BS, padding_BS, cache) -> Optional[torch.Tensor]:
         """One forward through every pipeline stage; the output on the last stage, else None."""
         ps = self.ps
-        kwargs = dict(position_ids_BS=pos_BS, padding_mask_BS=padding_BS, kv_cache=cache)
+        kwargs = dict(position_ids_BS=pos_BS, padding_mask_BS=padding_BS, kv_cache=cache, last_position_only=model.post_process)
         if model.pre_process:
             out = model(ids_BS, **kwargs)
         else:
