@@ -61,6 +61,22 @@ def test_bf16_rollout_samples_from_a_copy_refreshed_in_place_from_the_trained_we
     assert logprob_gap(flipped, model) < 0.05
 
 
+def test_every_engine_on_one_trained_chunk_shares_one_bf16_copy():
+    """An RL run's rollout engine, its held-out evaluator's and its SFT validator's are three engines on the actor's
+    chunk: one bf16 copy between them, refreshed by whichever generates next; another chunk gets its own."""
+    model, other = single_model(), single_model()
+    first, second = engine(model, dtype="bf16"), engine(model, dtype="bf16")
+    assert first.policy is second.policy
+    assert engine(other, dtype="bf16").policy is not first.policy
+    before = second.generate(PROMPTS, n=1, sampling=GREEDY, max_new_tokens=MAX_NEW).responses()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(-1.0)
+    first.generate(PROMPTS, n=1, sampling=GREEDY, max_new_tokens=MAX_NEW)
+    after = second.generate(PROMPTS, n=1, sampling=GREEDY, max_new_tokens=MAX_NEW).responses()
+    assert torch.equal(second.policy.lm_head.weight, model.lm_head.weight.detach().to(torch.bfloat16))
+    assert agreement(after, before) < 0.5
+
+
 def test_compiled_bf16_decode_agrees_with_eager_bf16():
     model = single_model()
     eager = engine(model, dtype="bf16").generate(PROMPTS, n=2, sampling=GREEDY, max_new_tokens=MAX_NEW)

@@ -2,9 +2,11 @@
 
 When the trained model's parameters already have that dtype the rollout samples with them
 directly (colocated, nothing copied), and its behaviour log-probs are exactly the training
-forward's. Otherwise the engine holds a copy of this rank's model chunk in ``rollout.dtype``:
-built once (the same stage, layers and sharding as the trained chunk, so it runs under every
-layout the chunk does), and refreshed in place from the trained weights, a cast-copy of this
+forward's. Otherwise the engine samples with a copy of this rank's model chunk in ``rollout.dtype``:
+built once per trained chunk and dtype in the process (the same stage, layers and sharding as the
+trained chunk, so it runs under every layout the chunk does) and shared by every engine on that
+chunk (an RL run's rollout, its held-out evaluation and its SFT validation hold one copy, not
+three), and refreshed in place from the trained weights, a cast-copy of this
 rank's parameters and buffers, at the start of every ``generate`` call (the trained weights
 change between calls: once per PPO step in an RL run), never per decode step. Its KV cache
 takes its dtype too (bf16: half the bytes per cached token). Sampling still runs in fp32 on
@@ -14,6 +16,8 @@ precision, so the PPO trainer recomputes them with the training forward and keep
 rollout's for truncated importance sampling (``rl.tis_cap``) and the mismatch metrics.
 """
 from __future__ import annotations
+
+import weakref
 
 import torch
 
@@ -34,13 +38,24 @@ class SamplingWeights:
     def __init__(self, trained: GPTModel, dtype: torch.dtype):
         self.trained = trained
         self.is_copy = model_dtype(trained) != dtype
-        self.model = _copy_of(trained, dtype) if self.is_copy else trained
+        self.model = _shared_copy(trained, dtype) if self.is_copy else trained
 
     @torch.no_grad()
     def refresh(self) -> None:
         """Cast-copy the trained weights into the copy (nothing to do when the rollout samples with them)."""
         if self.is_copy:
             self.model.load_state_dict(self.trained.state_dict())
+
+
+_COPIES: "weakref.WeakKeyDictionary[GPTModel, dict]" = weakref.WeakKeyDictionary()  # trained chunk -> {dtype: copy}
+
+
+def _shared_copy(trained: GPTModel, dtype: torch.dtype) -> GPTModel:
+    """The process's one copy of ``trained`` at ``dtype`` (it lives as long as ``trained`` does)."""
+    copies = _COPIES.setdefault(trained, {})
+    if dtype not in copies:
+        copies[dtype] = _copy_of(trained, dtype)
+    return copies[dtype]
 
 
 def _copy_of(trained: GPTModel, dtype: torch.dtype) -> GPTModel:
