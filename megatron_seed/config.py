@@ -210,6 +210,9 @@ class RLConfig:
     filter_zero_variance: bool = False  # DAPO dynamic sampling: groups whose n rewards are all equal are left out of the update
     # routing replay (R3): off | rollout (the actor's training forwards use the experts the rollout recorded for each token)
     routing_replay: str = "off"
+    # PPO steps between measurements of the rollout/training mismatch (the mismatch/* metrics, from the first PPO step on; 0 =
+    # never): with the rollout's own behaviour log-probs (fp32 in-process rollout) each costs one more actor forward of the batch
+    mismatch_interval: int = 1
     adaptation_rule: str = "learnability"  # learnability | reward | uniform
     adaptation_min_weight: float = 0.05
     adaptation_max_weight: float = 0.8
@@ -576,6 +579,8 @@ def validate_config(cfg: Config) -> None:
                  "every token the rollout over-sampled); fix: e.g. rl.tis_cap=2.0, or null to turn truncated importance sampling off")
     _one_of("rl.loss_agg", r.loss_agg, ("token", "sequence"))
     _one_of("rl.routing_replay", r.routing_replay, ("off", "rollout"))
+    _require(r.mismatch_interval >= 0, f"rl.mismatch_interval={r.mismatch_interval}: must be >= 0 (PPO steps between mismatch "
+             "measurements; 0 = never)")
     _require(r.routing_replay == "off" or cfg.model.num_dense_layers < cfg.model.num_layers,
              f"rl.routing_replay={r.routing_replay!r} on a dense model (model.num_dense_layers={cfg.model.num_dense_layers} = "
              f"model.num_layers): there are no expert routes to replay; fix: rl.routing_replay=off or an MoE model")

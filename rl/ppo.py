@@ -230,8 +230,12 @@ class PPOTrainer:
     def critic_values(self, batch: dict, layout: Optional[PackedLayout] = None) -> Optional[torch.Tensor]:
         return critic_values(self.critic, batch, layout)
 
-    def prepare(self, batch: dict) -> tuple:
-        """Fill old log-probs / values / reference log-probs, then advantages and returns; ``(batch, metrics)``."""
+    def prepare(self, batch: dict, measure_mismatch: bool = True) -> tuple:
+        """Fill old log-probs / values / reference log-probs, then advantages and returns; ``(batch, metrics)``.
+
+        ``measure_mismatch``: add the ``mismatch/*`` metrics (:mod:`rl.mismatch`). They compare the rollout with
+        training's first forward of the batch, which recomputed behaviour log-probs need anyway; when the rollout's
+        own log-probs are kept, that forward runs for the metrics alone (``rl.mismatch_interval`` spaces it out)."""
         check_experience(batch)
         check_routes(batch, self.actor.cfg.model)
         if self.routing_replay and "routes_BSLA" not in batch:
@@ -249,15 +253,17 @@ class PPOTrainer:
         rollout_logprobs, routes = "old_logprobs_BS" in batch, "routes_BSLA" in batch
         # training's first forward of the batch, at the rollout's weights: the behaviour log-probs when they are
         # recomputed, and what the rollout's log-probs and routes are measured against (rl.mismatch)
-        for chunk in self.actor.chunks:
-            for layer in chunk.moe_layers():
-                layer.reset_route_counts()
-        first_logprobs = self.policy_logprobs(dict(batch, compare_routes_BS=batch["mask_BS"]) if routes else batch, layout=self.layout)
-        if routes:
+        recompute, compare = self.recompute_logprobs or not rollout_logprobs, routes and measure_mismatch
+        if recompute or measure_mismatch:
+            for chunk in self.actor.chunks:
+                for layer in chunk.moe_layers():
+                    layer.reset_route_counts()
+            first_logprobs = self.policy_logprobs(dict(batch, compare_routes_BS=batch["mask_BS"]) if compare else batch, layout=self.layout)
+        if compare:
             metrics.update(route_mismatch(self.actor.chunks, self.ps))
-        if rollout_logprobs and self.ps.is_last_stage:
+        if measure_mismatch and rollout_logprobs and self.ps.is_last_stage:
             metrics.update(logprob_mismatch(first_logprobs, batch["old_logprobs_BS"], batch["mask_BS"], self.ps))
-        if self.recompute_logprobs or not rollout_logprobs:
+        if recompute:
             if rollout_logprobs:  # the engine's own, for truncated importance sampling (rl.tis_cap)
                 batch["rollout_logprobs_BS"] = batch["old_logprobs_BS"]
             filled["old_logprobs_BS"] = first_logprobs
@@ -296,15 +302,16 @@ class PPOTrainer:
     def critic_update(self, batch, clip: Optional[float]) -> dict:
         return self.critic.train_step(without_routes(batch), critic_loss_spec(clip, self.cfg.loss_agg))
 
-    def step(self, batch: dict) -> dict:
-        """One PPO step on this rank's rows of a rollout batch; returns metrics (floats).
+    def step(self, batch: dict, measure_mismatch: bool = True) -> dict:
+        """One PPO step on this rank's rows of a rollout batch; returns metrics (floats); ``measure_mismatch``: see
+        :meth:`prepare`.
 
         ``actor/*`` and ``critic/*`` are averaged over the ``ppo_epochs x mini_batches``
         optimizer steps (the first step's are in ``self.updates[0]``); rollout metrics
         (reward, response length, pass rate) are global-batch means.
         """
         rollout = rollout_metrics(batch, self.ps)  # before prepare() masks untrained rows: every response counts
-        batch, metrics = self.prepare(batch)
+        batch, metrics = self.prepare(batch, measure_mismatch)
         metrics.update(rollout)
         if self.layout is None:
             minis = split_mini_batches(batch, self.cfg.mini_batches)

@@ -117,7 +117,8 @@ class PPOPhase:
             rl.start_ppo()
             rl.evaluate("before_ppo", self)
         while not self.done and not rl.stop_requested():
-            metrics = rl.step(show_samples=bool(self.cfg.log_samples_interval) and (self.step + 1) % self.cfg.log_samples_interval == 0)
+            metrics = rl.step(show_samples=bool(self.cfg.log_samples_interval) and (self.step + 1) % self.cfg.log_samples_interval == 0,
+                              measure_mismatch=bool(self.cfg.mismatch_interval) and self.step % self.cfg.mismatch_interval == 0)
             self.step += 1
             self.done = self.step >= self.total
             rl.log(self, metrics)
@@ -260,8 +261,9 @@ class RLTrainer:
             self._show_samples(mine, rollout, results)
         return batch, metrics, (mine, rewards, correct)
 
-    def step(self, show_samples: bool = False) -> dict:
-        """One PPO step (see the module docstring); the step's metrics, the same on every rank."""
+    def step(self, show_samples: bool = False, measure_mismatch: bool = True) -> dict:
+        """One PPO step (see the module docstring); the step's metrics, the same on every rank (with the
+        ``mismatch/*`` ones when ``measure_mismatch``)."""
         t0 = time.perf_counter()
         batch, metrics, (mine, rewards, correct) = self.rollout(show_samples)
         t1 = time.perf_counter()
@@ -277,7 +279,7 @@ class RLTrainer:
                    else "every sample's scoring failed (masked; see the ppo/reward/* counts)")
             self._say(f"{why}: no update this step")
         else:
-            metrics.update(self.ppo.step(batch))
+            metrics.update(self.ppo.step(batch, measure_mismatch))
             self._sync_external_engine()  # the server generates the next step with the updated policy
         metrics["time/train_s"] = time.perf_counter() - t1
         by_reward, by_correct = self._gather_by_domain(mine, rewards, correct)

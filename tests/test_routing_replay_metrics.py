@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from data.tokenizer import load_tokenizer
+from megatron_seed.config import ConfigError
 from megatron_seed.parallel.state import ParallelState
 from rl.experience import dp_shard
 from rl.rl_trainer import RLTrainer
@@ -63,6 +64,37 @@ def test_an_rl_run_logs_the_mismatch_metrics_every_step(tmp_path):
         assert r["ppo/mismatch/logp_frac_above_1e-3"] == 0.0
         # the rollout recorded every response token's experts, and training's router picks the same ones
         assert r["ppo/mismatch/route_diff_layer0"] == r["ppo/mismatch/route_diff_layer1"] == r["ppo/mismatch/route_diff_mean"] == 0.0
+
+
+@pytest.mark.timeout(300)
+def test_mismatch_interval_measures_every_kth_step_and_skips_the_extra_forward_between(tmp_path):
+    """rl.mismatch_interval=2 over 3 steps: measured at the first and the third; the second step runs no actor forward
+    beyond its updates (the fp32 rollout's log-probs are kept, so nothing else needs one); a negative interval is refused."""
+    cfg = tiny_rl_config(tmp_path, "rl.steps=3", "rl.eval_prompts=0", "rl.mismatch_interval=2")
+    trainer = RLTrainer(cfg, ParallelState.single(), load_tokenizer(cfg.data.tokenizer), math_records(), ParityRouter())
+    forwards = []
+    measure = trainer.ppo.policy_logprobs
+
+    def counted(batch, chunks=None, layout=None):
+        if chunks is None:  # the actor's own forward (the reference passes its chunks)
+            forwards[-1] += 1
+        return measure(batch, chunks, layout)
+
+    trainer.ppo.policy_logprobs = counted
+    step = trainer.step
+
+    def counted_step(**kwargs):
+        forwards.append(0)
+        return step(**kwargs)
+
+    trainer.step = counted_step
+    trainer.fit()
+    assert forwards == [1, 0, 1]
+    ppo = [r for r in map(json.loads, open(tmp_path / "metrics.jsonl")) if r["phase"] == "ppo" and "ppo/actor/loss" in r]
+    assert [("ppo/mismatch/logp_abs_diff_mean" in r, "ppo/mismatch/route_diff_mean" in r) for r in ppo] == [(True, True), (False, False),
+                                                                                                            (True, True)]
+    with pytest.raises(ConfigError, match="rl.mismatch_interval"):
+        tiny_rl_config(tmp_path / "bad", "rl.mismatch_interval=-1")
 
 
 class StopAtPPOStep(RLTrainer):
