@@ -1,5 +1,6 @@
 """`megatron-seed plan` end to end: the 200B search, the Qwen3-235B sanity check, bad inputs."""
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from megatron_seed.plan.layout import PlanLayout
 from megatron_seed.plan.memory import kv_cache_bytes, rank_memory
 from megatron_seed.plan.timing import stage_flops
 from megatron_seed.train.metrics import flops_per_token
+from rl.rollout.precision import SamplingWeights
 from tests.model_utils import tiny_model
 
 QWEN3_235B = [
@@ -98,6 +100,22 @@ def test_kv_cache_bytes_equal_the_allocated_cache():
     cache = model.allocate_kv_cache(batch=3, capacity=12, dtype=torch.float32)
     allocated = sum(t.numel() * t.element_size() for t in [*cache.k.values(), *cache.v.values(), cache.bias_BL])
     assert kv_cache_bytes(m, layout, w, m.num_layers) == allocated
+
+
+def test_rollout_weights_are_the_bytes_of_the_rollouts_copy():
+    """fp32 parameters generating at bf16: the planner counts the copy the engine holds (rl/rollout/precision.py) in the
+    rollout peak; at the parameters' own dtype there is no copy."""
+    m = tiny_model()
+    model = GPTModel(m, ParallelState.single())
+    copy = SamplingWeights(model, torch.bfloat16).model
+    copied = sum(p.numel() * p.element_size() for p in copy.parameters())
+    layout = PlanLayout()
+    bf16 = Workload(seq_len=16, global_batch=4, precision="fp32", rollout_batch=6, prompt_len=5, response_len=7, kv_dtype="bf16")
+    mem = rank_memory(m, layout, bf16, Assumptions(), 0)
+    assert mem.rollout_weights == copied
+    assert mem.rollout_peak == mem.state + mem.kv_cache + copied
+    assert rank_memory(m, layout, replace(bf16, kv_dtype="fp32"), Assumptions(), 0).rollout_weights == 0
+    assert rank_memory(m, layout, replace(bf16, precision="bf16"), Assumptions(), 0).rollout_weights == 0
 
 
 def test_recompute_trades_activations_for_compute():

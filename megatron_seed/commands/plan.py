@@ -32,7 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rollout-batch", type=int, default=0, help="RL: sequences generated per step by the whole job")
     parser.add_argument("--prompt-len", type=int, default=0, help="RL: prompt tokens per rollout sequence")
     parser.add_argument("--response-len", type=int, default=None, help="RL: response tokens (default: rollout.max_new_tokens)")
-    parser.add_argument("--kv-dtype", default="bf16", help="RL: KV-cache dtype, bf16 | fp8 | fp32")
+    parser.add_argument("--kv-dtype", default="bf16", help="RL: the rollout's dtype (rollout.dtype; its KV cache's), bf16 | fp8 | fp32; "
+                        "another than --precision's parameters adds a copy of them at it")
     parser.add_argument("--stack", default="ours", help="assumption profile: ours (this stack today) | megatron-core (its overlaps and DeepEP)")
     parser.add_argument("--assume", action="append", default=[], metavar="NAME=VALUE",
                         help="change an assumption, e.g. --assume overlap_ep=0.9 (repeatable; see the printed list)")

@@ -46,7 +46,9 @@ and, on the last stage, the head: final norm, the gathered head input ``T H b`` 
 logits working set ``T V/tp (16 + b)`` (shifted fp32 logits and their exponentials kept for
 backward, two fp32 gradients of them and the logits' gradient). KV cache (rollout phase):
 ``2 x layers x B x L x K D`` in the KV dtype plus the fp32 slot bias ``B x L``, with
-``B = rollout_batch / dp``.
+``B = rollout_batch / dp``. The rollout generates at the KV dtype (``rollout.dtype``); when that
+is not the parameters' dtype it holds a copy of the rank's parameters at it
+(:mod:`rl.rollout.precision`, one per trained chunk), counted as ``rollout_weights``.
 """
 from __future__ import annotations
 
@@ -142,6 +144,7 @@ class MemoryBreakdown:
     logits: float
     optimizer_step: float
     kv_cache: float
+    rollout_weights: float
     overhead: float
     in_flight: int  # chunk forwards alive at the peak (1F1B / interleaved)
 
@@ -156,7 +159,7 @@ class MemoryBreakdown:
 
     @property
     def rollout_peak(self) -> float:
-        return self.state + self.kv_cache
+        return self.state + self.kv_cache + self.rollout_weights
 
     @property
     def peak(self) -> float:
@@ -247,6 +250,12 @@ def kv_cache_bytes(m: ModelConfig, layout: PlanLayout, w: Workload, layers: int)
     return layers * 2 * B * L * K * m.head_dim * KV_DTYPES[w.kv_dtype] + 4 * B * L
 
 
+def rollout_weight_bytes(total_params: float, w: Workload) -> float:
+    """The rollout's copy of this rank's ``total_params`` parameters at the KV dtype; none when it is the parameters'."""
+    element = KV_DTYPES[w.kv_dtype]
+    return total_params * element if w.rollout_batch and element != w.param_bytes else 0.0
+
+
 def rank_memory(m: ModelConfig, layout: PlanLayout, w: Workload, a: Assumptions, pp_rank: int,
                 dp_rank: int = 0, edp_rank: int = 0) -> MemoryBreakdown:
     """Memory of the rank at (pp_rank, dp * cp rank ``dp_rank``, edp rank ``edp_rank``); rank 0 of a
@@ -277,6 +286,7 @@ def rank_memory(m: ModelConfig, layout: PlanLayout, w: Workload, a: Assumptions,
         logits=acts.logits if pp_rank == layout.pp - 1 else 0.0,
         optimizer_step=step,
         kv_cache=kv_cache_bytes(m, layout, w, layers),
+        rollout_weights=rollout_weight_bytes(params.total, w),
         overhead=a.framework_overhead_gib * 2**30,
         in_flight=len(alive),
     )

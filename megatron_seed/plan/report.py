@@ -7,8 +7,9 @@ from megatron_seed.plan.hardware import GIB
 from megatron_seed.plan.inputs import Assumptions, Cluster, Workload
 from megatron_seed.plan.search import Evaluation, SearchResult
 
-MEMORY_COLUMNS = ("parameters", "gradients", "optimizer", "activations", "moe_dispatch", "logits", "optimizer_step", "kv_cache", "overhead")
-MEMORY_HEADINGS = ("params", "grads", "optim", "acts", "dispatch", "logits", "opt_step", "kv", "overhead")
+MEMORY_COLUMNS = ("parameters", "gradients", "optimizer", "activations", "moe_dispatch", "logits", "optimizer_step", "kv_cache",
+                  "rollout_weights", "overhead")
+MEMORY_HEADINGS = ("params", "grads", "optim", "acts", "dispatch", "logits", "opt_step", "kv", "rollout_w", "overhead")
 TIME_COLUMNS = ("compute", "tp_comm", "ep_comm", "cp_comm", "pp_comm", "bubble", "dp_comm", "optimizer")
 
 

@@ -40,7 +40,7 @@ class Evaluation:
             "optimizer step" if mem.optimizer_step > mem.activations + mem.moe_dispatch + mem.logits else "forward/backward")
         parts = {"parameters": mem.parameters, "gradients": mem.gradients, "optimizer": mem.optimizer}
         if phase == "rollout":
-            parts["kv_cache"] = mem.kv_cache
+            parts.update(kv_cache=mem.kv_cache, rollout_weights=mem.rollout_weights)
         elif phase == "optimizer step":
             parts["optimizer_step"] = mem.optimizer_step
         else:
