@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megatron_seed.config import ModelConfig
+from megatron_seed.gemm import linear, matmul
 from megatron_seed.model.layers import RMSNorm, apply_rotary, rms_norm
 from megatron_seed.parallel import context_parallel
 from megatron_seed.parallel.sharding import set_sharding
@@ -203,14 +204,14 @@ class Attention(nn.Module):
         N, K, D = self.num_heads, self.num_kv_heads, self.head_dim
         cos, sin = cos_sin
         if self.qkv_weight is not None and not torch.is_grad_enabled():
-            qk_BSXD, v_BSKD = F.linear(x_full, self.qkv_weight).view(B, S, N + 2 * K, D).split([N + K, K], dim=2)
+            qk_BSXD, v_BSKD = linear(x_full, self.qkv_weight).view(B, S, N + 2 * K, D).split([N + K, K], dim=2)
             if self.qk_norm_weight is not None:
                 qk_BSXD = rms_norm(qk_BSXD, self.qk_norm_weight, self.q_norm.eps)
             q_BSND, k_BSKD = apply_rotary(qk_BSXD, cos, sin).split([N, K], dim=2)
             return q_BSND, k_BSKD, v_BSKD
         q_BSND = self.q_proj(x_full, prepared=True).view(B, S, N, D)
-        k_BSKD = F.linear(x_full, self._kv_weight(self.k_proj)).view(B, S, K, D)
-        v_BSKD = F.linear(x_full, self._kv_weight(self.v_proj)).view(B, S, K, D)
+        k_BSKD = linear(x_full, self._kv_weight(self.k_proj)).view(B, S, K, D)
+        v_BSKD = linear(x_full, self._kv_weight(self.v_proj)).view(B, S, K, D)
         if self.q_norm is not None:
             q_BSND, k_BSKD = self.q_norm(q_BSND), self.k_norm(k_BSKD)
         return apply_rotary(q_BSND, cos, sin), apply_rotary(k_BSKD, cos, sin), v_BSKD
@@ -240,10 +241,10 @@ class Attention(nn.Module):
         k_BKDL, v_BKLD = cache.k[self.layer_id], cache.v[self.layer_id]
         k_BKDL.index_copy_(3, cache.slot_1, k_B1KD.permute(0, 2, 3, 1))  # [B, K, D, 1] into slot `slot_1`
         v_BKLD.index_copy_(2, cache.slot_1, v_B1KD.transpose(1, 2))
-        scores_BKGL = torch.matmul(q_B1ND.view(B, K, N // K, D), k_BKDL[:, :, :, :end])
+        scores_BKGL = matmul(q_B1ND.view(B, K, N // K, D), k_BKDL[:, :, :, :end])
         # bias + scores / sqrt(D); the softmax in fp32 under bf16 (a no-op cast in fp32)
         probs_BKGL = torch.add(bias_B11L, scores_BKGL, alpha=D ** -0.5).softmax(dim=-1, dtype=torch.float32).to(v_B1KD.dtype)
-        return torch.matmul(probs_BKGL, v_BKLD[:, :, :end]).view(B, 1, N * D)
+        return matmul(probs_BKGL, v_BKLD[:, :, :end]).view(B, 1, N * D)
 
     def _attention(self, q_BSND, k_BSKD, v_BSKD, mask: Optional[torch.Tensor], cache: Optional[KVCache]) -> torch.Tensor:
         B, S = q_BSND.shape[:2]

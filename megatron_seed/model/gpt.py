@@ -17,10 +17,10 @@ import contextlib
 from typing import Iterator, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from megatron_seed.config import ModelConfig
+from megatron_seed.gemm import linear
 from megatron_seed.model.attention import Attention, KVCache, build_attention_mask
 from megatron_seed.model.layers import RMSNorm, SwiGLUMLP, rotary_cos_sin
 from megatron_seed.parallel import context_parallel
@@ -67,7 +67,7 @@ class ValueHead(nn.Module):
         set_sharding(self.bias, (1,), init="zeros", partial_tp_grad=ps.sequence_parallel)
 
     def forward(self, h_BSH: torch.Tensor) -> torch.Tensor:
-        v_BS = F.linear(h_BSH, self.weight, self.bias).squeeze(-1)
+        v_BS = linear(h_BSH, self.weight, self.bias).squeeze(-1)
         # every tp rank computes the same loss on the gathered values, so the backward keeps this rank's slice of
         # the gradient (a reduce-scatter would count it tp times)
         return gather_from_parallel_region(v_BS, self.ps.tp_group, 1) if self.ps.sequence_parallel else v_BS
@@ -214,4 +214,4 @@ class GPTModel(nn.Module):
             return self.value_head(h_BSH)
         if self.lm_head is not None:
             return self.lm_head(h_BSH)
-        return F.linear(column_parallel_input(h_BSH, self.ps), self.embed_tokens.weight)
+        return linear(column_parallel_input(h_BSH, self.ps), self.embed_tokens.weight)

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from megatron_seed.gemm import linear
 from megatron_seed.parallel.mappings import (
     copy_to_parallel_region,
     gather_from_parallel_region,
@@ -55,7 +56,7 @@ class ColumnParallelLinear(nn.Module):
         return column_parallel_input(x, self.ps)
 
     def forward(self, x: torch.Tensor, prepared: bool = False) -> torch.Tensor:
-        y = F.linear(x if prepared else self.prepare_input(x), self.weight)
+        y = linear(x if prepared else self.prepare_input(x), self.weight)
         return gather_from_parallel_region(y, self.ps.tp_group, -1) if self.gather_output else y
 
 
@@ -72,7 +73,7 @@ class RowParallelLinear(nn.Module):
         set_sharding(self.weight, (out_features, in_features), (ShardDim(1, "tp", tp),), std=std)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight)
+        y = linear(x, self.weight)
         if self.ps.sequence_parallel:
             return reduce_scatter_to_sequence_parallel_region(y, self.ps.tp_group, 1)
         return reduce_from_parallel_region(y, self.ps.tp_group)

@@ -14,12 +14,13 @@ routed rows (kept token-slots, sorted by expert), ``K``/``O`` GEMM in/out featur
 """
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
+
+from megatron_seed.gemm import emulated_low_precision
 
 
 def compute_scores(logits_TE: torch.Tensor, score_function: str) -> torch.Tensor:
@@ -317,9 +318,8 @@ def _staged_cpu_grouped_mm(x_NK: torch.Tensor, w_EKO: torch.Tensor, offs_E: torc
     from the freshly written buffer it reads cache instead, and the copy costs less than it saves
     (``benchmarks/RESULTS.md``, "Staged expert GEMMs"). Numerically it is a plain GEMM per expert.
     """
-    # a CPU without bf16/fp16 arithmetic emulates it inside the GEMM; upcasting the staged weight and the rows
-    # instead is the same product (fp32 accumulation, the output rounded once) at fp32 GEMM speed
-    compute = x_NK.dtype if x_NK.dtype == torch.float32 or _native_low_precision_gemm() else torch.float32
+    # bf16 on a CPU without bf16 arithmetic: the staged copy upcasts the weight (megatron_seed/gemm.py)
+    compute = torch.float32 if emulated_low_precision(x_NK) else x_NK.dtype
     x_NK = x_NK.to(compute)
     out = x_NK.new_empty(x_NK.shape[0], w_EKO.shape[2])
     K, O = w_EKO.shape[1:]
@@ -333,11 +333,6 @@ def _staged_cpu_grouped_mm(x_NK: torch.Tensor, w_EKO: torch.Tensor, offs_E: torc
             torch.mm(x_CK, staged_KO, out=out_CO)
     return out.to(w_EKO.dtype)
 
-
-@functools.cache
-def _native_low_precision_gemm() -> bool:
-    """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX) rather than converting inside the kernel."""
-    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
 
 
 @_grouped_mm_op.register_fake
