@@ -166,8 +166,8 @@ class RolloutConfig:
     # native engine: the precision it samples at. fp32 | bf16; another dtype than the training parameters' makes the engine hold a
     # copy of the weights at it (refreshed once per generate call) and the PPO step recompute the behaviour log-probs with the
     # training forward (the rollout's are kept for rl.tis_cap). bf16 halves the bytes of weights and KV cache each decode step
-    # reads; on a CPU without bf16 arithmetic (no AVX512-BF16 / AMX) the expert GEMMs run as fp32 GEMMs of the bf16 numbers but
-    # the dense ones emulate bf16, so it pays on a GPU, a CPU with bf16, or small batches; see rl/rollout/precision.py
+    # reads; on a CPU without bf16 arithmetic (no AVX512-BF16 / AMX) its GEMMs multiply the bf16 numbers as fp32
+    # (megatron_seed/gemm.py), about as fast as fp32 there: it pays on a GPU or a CPU with bf16; see rl/rollout/precision.py
     dtype: str = "fp32"
     engine: str = "native"  # native | external (vLLM / SGLang adapter)
     external_url: Optional[str] = None  # engine=external: base URL of the completions server, e.g. http://host:8000
