@@ -209,7 +209,7 @@ def filtered_step(rank: int, world: int, save_dir: str) -> dict:
     rl = build(cfg, ParallelState.build(cfg.parallel, world, rank) if world > 1 else None)
     seen = []
     ppo_step = rl.ppo.step
-    rl.ppo.step = lambda batch: seen.append(batch) or ppo_step(batch)
+    rl.ppo.step = lambda batch, *args: seen.append(batch) or ppo_step(batch, *args)
     rl.start_ppo()
     metrics = rl.step()
     (batch,) = seen
