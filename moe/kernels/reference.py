@@ -334,7 +334,6 @@ def _staged_cpu_grouped_mm(x_NK: torch.Tensor, w_EKO: torch.Tensor, offs_E: torc
     return out.to(w_EKO.dtype)
 
 
-
 @_grouped_mm_op.register_fake
 def _(x_NK: torch.Tensor, w_EKO: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
     return x_NK.new_empty(x_NK.shape[0], w_EKO.shape[2])
