@@ -163,12 +163,13 @@ class RolloutConfig:
     # other layouts decode eagerly). Off by default: the first rollout pays the compilation (10-30 s a graph on a 2-core CPU, which
     # needs a C++ compiler), which only long RL runs earn back. See rl/rollout/engine.py.
     compile: bool = False
-    # native engine: the precision it samples at. fp32 | bf16; another dtype than the training parameters' makes the engine hold a
+    # native engine: the precision it samples at. auto (the trained parameters' dtype: bf16 under train.precision=bf16, fp32 under
+    # fp32, sampling with the trained weights themselves) | fp32 | bf16; another dtype than the training parameters' makes the engine hold a
     # copy of the weights at it (refreshed once per generate call) and the PPO step recompute the behaviour log-probs with the
     # training forward (the rollout's are kept for rl.tis_cap). bf16 halves the bytes of weights and KV cache each decode step
     # reads; on a CPU without bf16 arithmetic (no AVX512-BF16 / AMX) its GEMMs multiply the bf16 numbers as fp32
     # (megatron_seed/gemm.py), about as fast as fp32 there: it pays on a GPU or a CPU with bf16; see rl/rollout/precision.py
-    dtype: str = "fp32"
+    dtype: str = "auto"
     engine: str = "native"  # native | external (vLLM / SGLang adapter)
     external_url: Optional[str] = None  # engine=external: base URL of the completions server, e.g. http://host:8000
     external_model: str = "default"  # engine=external: the model name the server serves
@@ -627,10 +628,10 @@ def validate_config(cfg: Config) -> None:
     _positive("rollout.samples_per_prompt", ro.samples_per_prompt)
     _one_of("rollout.engine", ro.engine, ("native", "external"))
     _require(isinstance(ro.compile, bool), f"rollout.compile={ro.compile!r}: must be true or false")
-    _one_of("rollout.dtype", ro.dtype, ("fp32", "bf16"))
-    _require(ro.engine == "native" or ro.dtype == "fp32",
+    _one_of("rollout.dtype", ro.dtype, ("auto", "fp32", "bf16"))
+    _require(ro.engine == "native" or ro.dtype in ("auto", "fp32"),
              f"rollout.dtype={ro.dtype!r} with rollout.engine={ro.engine!r}: the dtype is the native engine's; an external server "
-             "runs at the precision it was started with; fix: rollout.dtype=fp32, or rollout.engine=native")
+             "runs at the precision it was started with; fix: rollout.dtype=auto, or rollout.engine=native")
     if ro.engine == "external":
         _require(bool(ro.external_url), "rollout.engine=external needs rollout.external_url (the vLLM / SGLang server, e.g. http://host:8000); "
                  "fix: set it, or use rollout.engine=native")

@@ -118,6 +118,19 @@ def test_rollout_weights_are_the_bytes_of_the_rollouts_copy():
     assert rank_memory(m, layout, replace(bf16, precision="bf16"), Assumptions(), 0).rollout_weights == 0
 
 
+def test_plan_cli_counts_a_rollout_copy_only_when_the_rollout_dtype_differs(capsys):
+    """`megatron-seed plan`'s --kv-dtype defaults to the parameters' dtype, as rollout.dtype=auto samples: no copy;
+    fp32 parameters with --kv-dtype bf16 (rollout.dtype=bf16 on fp32 training) add one at 2 bytes a parameter."""
+    argv = ["plan", "--preset", "tiny", "--gpus", "1", "--layout", "tp=1", "--rollout-batch", "8", "--prompt-len", "4",
+            "--precision", "fp32", "--json"]
+    memory = []
+    for extra in ([], ["--kv-dtype", "bf16"]):
+        assert main(argv + extra) == 0
+        memory.append(json.loads(capsys.readouterr().out)["evaluation"]["memory_by_stage"][0])
+    assert memory[0]["rollout_weights"] == 0
+    assert memory[1]["rollout_weights"] == memory[1]["parameters"] / 2 > 0
+
+
 def test_recompute_trades_activations_for_compute():
     m = load_config("seed-200b-a20b").model
     c = Cluster(get_gpu("h100"), 256)

@@ -61,6 +61,17 @@ def test_bf16_rollout_samples_from_a_copy_refreshed_in_place_from_the_trained_we
     assert logprob_gap(flipped, model) < 0.05
 
 
+def test_auto_samples_with_the_trained_weights_at_their_dtype():
+    """rollout.dtype=auto (the default): a bf16-trained policy generates with its own weights, no copy and no
+    recomputation; an explicit fp32 on it builds an fp32 copy."""
+    model = single_model().to(torch.bfloat16)
+    auto = engine(model)
+    assert auto.cfg.dtype == "auto" and auto.policy is model and auto.samples_with_trained_weights
+    assert len(auto.generate(PROMPTS, n=1, sampling=GREEDY, max_new_tokens=MAX_NEW).responses()) == len(PROMPTS)
+    fp32 = engine(model, dtype="fp32")
+    assert not fp32.samples_with_trained_weights and {p.dtype for p in fp32.policy.parameters()} == {torch.float32}
+
+
 def test_every_engine_on_one_trained_chunk_shares_one_bf16_copy():
     """An RL run's rollout engine, its held-out evaluator's and its SFT validator's are three engines on the actor's
     chunk: one bf16 copy between them, refreshed by whichever generates next; another chunk gets its own."""
@@ -118,7 +129,7 @@ def test_bf16_rollout_ppo_step_recomputes_behaviour_logprobs_and_applies_tis(tmp
 
 
 def test_a_rollout_dtype_other_than_fp32_or_bf16_is_refused():
-    with pytest.raises(ConfigError, match=r"rollout\.dtype='fp16': must be one of fp32, bf16"):
+    with pytest.raises(ConfigError, match=r"rollout\.dtype='fp16': must be one of auto, fp32, bf16"):
         load_config("tiny", overrides=["rollout.dtype=fp16"])
     with pytest.raises(ConfigError, match=r"rollout\.dtype='bf16' with rollout\.engine='external'"):
         load_config("tiny", overrides=["rollout.dtype=bf16", "rollout.engine=external", "rollout.external_url=http://h:1",

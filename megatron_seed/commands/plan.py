@@ -32,8 +32,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rollout-batch", type=int, default=0, help="RL: sequences generated per step by the whole job")
     parser.add_argument("--prompt-len", type=int, default=0, help="RL: prompt tokens per rollout sequence")
     parser.add_argument("--response-len", type=int, default=None, help="RL: response tokens (default: rollout.max_new_tokens)")
-    parser.add_argument("--kv-dtype", default="bf16", help="RL: the rollout's dtype (rollout.dtype; its KV cache's), bf16 | fp8 | fp32; "
-                        "another than --precision's parameters adds a copy of them at it")
+    parser.add_argument("--kv-dtype", default=None, help="RL: the rollout's dtype (rollout.dtype; its KV cache's), bf16 | fp8 | fp32; "
+                        "default: the parameters' (--precision fp32: fp32, else bf16), as rollout.dtype=auto samples; another "
+                        "adds a copy of the parameters at it")
     parser.add_argument("--stack", default="ours", help="assumption profile: ours (this stack today) | megatron-core (its overlaps and DeepEP)")
     parser.add_argument("--assume", action="append", default=[], metavar="NAME=VALUE",
                         help="change an assumption, e.g. --assume overlap_ep=0.9 (repeatable; see the printed list)")
@@ -63,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
         micro_batch=args.micro_batch or t.micro_batch_size, precision=args.precision, recompute=args.recompute,
         zero1=args.zero1, overlap_grad_reduce=cfg.parallel.overlap_grad_reduce, rollout_batch=args.rollout_batch,
         prompt_len=args.prompt_len, response_len=cfg.rollout.max_new_tokens if args.response_len is None else args.response_len,
-        kv_dtype=args.kv_dtype,
+        kv_dtype=args.kv_dtype or ("fp32" if args.precision == "fp32" else "bf16"),
     )
     check_workload(workload, cluster, m.max_seq_len)
     if args.check_dry_run and args.stack != "ours":

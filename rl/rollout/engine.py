@@ -60,7 +60,7 @@ collectives inside the step, or a CPU without a C++ compiler, decode eagerly (a 
 says so).
 
 Precision (``rollout.dtype``): generation runs the trained chunks themselves when they have that
-dtype, else copies of them at it (:mod:`rl.rollout.precision`: built once, refreshed in place at
+dtype (always under ``auto``, the default), else copies of them at it (:mod:`rl.rollout.precision`: built once, refreshed in place at
 the start of every ``generate`` call, KV caches in the copy's dtype); sampling is fp32 on the
 logits either way. ``samples_with_trained_weights`` tells the trainer whether the behaviour
 log-probs are the training forward's or must be recomputed.

@@ -1,4 +1,4 @@
-"""The weights a rollout samples with, at ``rollout.dtype`` (fp32 | bf16).
+"""The weights a rollout samples with, at ``rollout.dtype`` (auto | fp32 | bf16; auto = the trained parameters' dtype).
 
 When the trained model's parameters already have that dtype the rollout samples with them
 directly (colocated, nothing copied), and its behaviour log-probs are exactly the training
@@ -18,13 +18,14 @@ rollout's for truncated importance sampling (``rl.tis_cap``) and the mismatch me
 from __future__ import annotations
 
 import weakref
+from typing import Optional
 
 import torch
 
 from megatron_seed.model.build import materialise
 from megatron_seed.model.gpt import GPTModel
 
-ROLLOUT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+ROLLOUT_DTYPES = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16}  # None: the trained parameters' dtype
 
 
 def model_dtype(model: GPTModel) -> torch.dtype:
@@ -33,11 +34,12 @@ def model_dtype(model: GPTModel) -> torch.dtype:
 
 
 class SamplingWeights:
-    """``model``: what the rollout runs for the trained chunk ``trained`` at ``dtype`` (see the module docstring)."""
+    """``model``: what the rollout runs for the trained chunk ``trained`` at ``dtype`` (None: ``trained``'s own; see the
+    module docstring)."""
 
-    def __init__(self, trained: GPTModel, dtype: torch.dtype):
+    def __init__(self, trained: GPTModel, dtype: Optional[torch.dtype]):
         self.trained = trained
-        self.is_copy = model_dtype(trained) != dtype
+        self.is_copy = dtype is not None and model_dtype(trained) != dtype
         self.model = _shared_copy(trained, dtype) if self.is_copy else trained
 
     @torch.no_grad()
