@@ -14,7 +14,8 @@ from rl.rollout.sampling import SamplingParams
 from tests.model_utils import tiny_model
 from tests.numerics import rel_err
 from tests.rollout_utils import PROMPTS, SEED, single_model, trainer_log_probs
-from tests.test_rl_trainer import one_step
+from tests.rl_trainer_utils import math_records, tiny_rl_config
+from tests.test_rl_trainer import SFT, build, one_step
 
 GREEDY = SamplingParams(temperature=0.0)
 MAX_NEW = 10
@@ -86,6 +87,17 @@ def test_every_engine_on_one_trained_chunk_shares_one_bf16_copy():
     after = second.generate(PROMPTS, n=1, sampling=GREEDY, max_new_tokens=MAX_NEW).responses()
     assert torch.equal(second.policy.lm_head.weight, model.lm_head.weight.detach().to(torch.bfloat16))
     assert agreement(after, before) < 0.5
+
+
+def test_an_rl_run_holds_one_bf16_copy_for_its_rollout_evaluation_and_sft_validation(tmp_path):
+    """The user's path: RLTrainer with rollout.dtype=bf16, held-out evaluation and an SFT phase stopping at a validation
+    accuracy builds three engines on the actor's chunk; they share one copy."""
+    cfg = tiny_rl_config(tmp_path, "rollout.dtype=bf16", "sft.steps=2", "sft.stop_accuracy=0.5", *SFT)
+    rl = build(cfg, held_out=math_records(4, seed=1))
+    validator = rl.phases[0].validator
+    assert rl.evaluator is not None and validator is not None
+    assert rl.engine.policy is rl.evaluator.engine.policy is validator.engine.policy
+    assert rl.engine.policy is not rl.actor.chunks[0] and next(rl.engine.policy.parameters()).dtype == torch.bfloat16
 
 
 def test_compiled_bf16_decode_agrees_with_eager_bf16():
